@@ -1,0 +1,267 @@
+"""
+Datasets shared by train.py, sample.py and eval_fid.py.
+
+    ShapesDataset       the built-in captioned dataset: procedural images of coloured shapes whose
+                        captions name each object's size, colour, shape and place, and the
+                        background, but not the exact positions, rotations, shades or the
+                        background's gradient. Deterministic by seed, any resolution, no download.
+    CaptionedImages     real data: an image folder (flat or ImageNet-style class folders) plus a
+                        JSON-lines caption file  {"file": ..., "caption": ..., "label": ...}.
+
+Both return (image (3, H, W) float in [-1, 1], index, label); captions live in `.captions` so the
+text encoder runs over them once (train.py caches the embeddings) and never per step.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+#################################################################################
+#                          The built-in captioned dataset                       #
+#################################################################################
+
+COLORS = {  # name -> RGB
+    "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "purple": (130, 50, 170), "orange": (245, 135, 25), "cyan": (40, 200, 210), "pink": (245, 140, 190),
+    "white": (245, 245, 245), "black": (25, 25, 25), "brown": (125, 75, 35), "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+SIZES = {"small": 0.4, "medium": 0.62, "large": 0.85}  # shape diameter as a fraction of its cell
+PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+SUPERSAMPLE = 128  # shapes are drawn at >= this many pixels, then downsampled (anti-aliasing)
+
+
+def _polygon(shape, cx, cy, r, angle):
+    """Vertices of a shape of radius r centred at (cx, cy), rotated by angle (radians)."""
+    if shape == "square":
+        pts = [(r * math.cos(a), r * math.sin(a)) for a in np.arange(4) * math.pi / 2 + math.pi / 4]
+        pts = [(x / math.sqrt(2) * 1.25, y / math.sqrt(2) * 1.25) for x, y in pts]
+    elif shape == "triangle":
+        pts = [(r * math.cos(a), r * math.sin(a)) for a in np.arange(3) * 2 * math.pi / 3 - math.pi / 2]
+    elif shape == "diamond":
+        pts = [(0.7 * r * math.cos(a), r * math.sin(a)) for a in np.arange(4) * math.pi / 2]
+    elif shape == "star":
+        pts = [((r if k % 2 == 0 else 0.45 * r) * math.cos(a), (r if k % 2 == 0 else 0.45 * r) * math.sin(a))
+               for k, a in enumerate(np.arange(10) * math.pi / 5 - math.pi / 2)]
+    elif shape == "cross":
+        t = 0.33 * r
+        pts = [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t), (-t, -t)]
+    else:
+        raise ValueError(shape)
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+
+
+def make_scene(index: int, seed: int = 0):
+    """The random description of image `index`: background, gradient, objects. Pure function of (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    names = list(COLORS)
+    bg = names[rng.integers(len(names))]
+    n = int(rng.integers(1, 5))  # 1 to 4 objects, each in its own cell of a 3x3 grid
+    cells = rng.choice(9, size=n, replace=False)
+    objects = []
+    for cell in cells:
+        color = names[rng.choice([i for i in range(len(names)) if names[i] != bg])]
+        size = list(SIZES)[rng.integers(3)]
+        objects.append(dict(
+            shape=SHAPES[rng.integers(len(SHAPES))], color=color, size=size, place=PLACES[cell], cell=int(cell),
+            # Left out of the caption, so the image tokens still have work to do:
+            jitter=rng.uniform(-1, 1, size=2) * (1 - SIZES[size]) / 2,  # where in its cell
+            angle=float(rng.uniform(0, 2 * math.pi)), shade=float(rng.uniform(0.88, 1.12))))
+    gradient = dict(angle=float(rng.uniform(0, 2 * math.pi)), amount=float(rng.uniform(0.0, 0.35)))
+    return dict(background=bg, objects=objects, gradient=gradient)
+
+
+def caption_of(scene) -> str:
+    """'a large red circle at the top left and a small blue star in the center, on a gray background'."""
+    parts = [f"a {o['size']} {o['color']} {o['shape']} {'in' if o['place'] == 'center' else 'at'} the {o['place']}"
+             for o in scene["objects"]]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    bg = scene["background"]
+    return f"{text}, on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
+
+
+def render(scene, size: int) -> Image.Image:
+    """Draws a scene at size x size pixels (supersampled, then box-filtered down)."""
+    S = size * max(1, math.ceil(SUPERSAMPLE / size))
+    # Background: its named colour, lightened/darkened along a random direction (not captioned).
+    base = np.array(COLORS[scene["background"]], dtype=np.float32)
+    g = scene["gradient"]
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S - 0.5
+    ramp = (xx * math.cos(g["angle"]) + yy * math.sin(g["angle"])) * g["amount"]  # in [-0.25, 0.25]
+    img = base + ramp[..., None] * np.where(base > 127, -255.0, 255.0) * 0.5
+    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    cell = S / 3
+    for o in scene["objects"]:
+        row, col = divmod(o["cell"], 3)
+        cx = (col + 0.5 + o["jitter"][0]) * cell
+        cy = (row + 0.5 + o["jitter"][1]) * cell
+        r = SIZES[o["size"]] * cell / 2
+        color = tuple(int(min(255, c * o["shade"])) for c in COLORS[o["color"]])
+        if o["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        else:
+            draw.polygon(_polygon(o["shape"], cx, cy, r, o["angle"]), fill=color)
+    return canvas.resize((size, size), Image.BOX) if S != size else canvas
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """The built-in captioned dataset; image i is a pure function of (seed, i)."""
+
+    def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0):
+        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+        self.scenes = [make_scene(i, seed) for i in range(num_images)]
+        self.captions = [caption_of(s) for s in self.scenes]
+        self.labels = None  # no classes: shapes are described, not labelled
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        return to_tensor(render(self.scenes[i], self.image_size)), i, -1
+
+
+#################################################################################
+#                         Real data: folder + caption file                      #
+#################################################################################
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """ADM's preprocessing (Dhariwal & Nichol 2021): halve with a box filter while the short side
+    is >= 2x the target, resize the short side to `size` with bicubic, then crop the centre."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top:top + size, left:left + size])
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Opens any image as RGB: grayscale and palette are converted, transparency goes onto white."""
+    img = Image.open(path)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert("RGB")
+    return img.convert("RGB")
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """
+    Images under `root` with captions from a JSON-lines file: {"file": "n01440764/x.JPEG",
+    "caption": "...", "label": 3 (optional)}. `file` is relative to `root`. With ImageNet-style
+    class folders (root/<class>/<image>) and no "label", the label is the class folder's index in
+    sorted order. Bad input (unreadable image, image without caption, empty caption, caption for
+    a missing file) is an error naming the file, or, with skip_bad=True, skipped and counted.
+    """
+
+    def __init__(self, root: str, captions_file: str, image_size: int = 256, skip_bad: bool = False,
+                 progress: bool = True):
+        from tqdm import tqdm
+        self.root, self.image_size = root, image_size
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root} does not exist; fix --data")
+        if not os.path.isfile(captions_file):
+            raise FileNotFoundError(f"caption file {captions_file} does not exist; fix --captions")
+        records, problems = {}, []
+        with open(captions_file) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    file, caption = r["file"], r["caption"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{captions_file}:{n}: not a JSON object with 'file' and 'caption' keys") from None
+                if not str(caption).strip():
+                    problems.append(f"{os.path.join(root, file)}: empty caption ({captions_file}:{n})")
+                    continue
+                records[os.path.normpath(file)] = (str(caption).strip(), r.get("label"))
+        on_disk = sorted(os.path.relpath(os.path.join(d, name), root) for d, _, names in os.walk(root)
+                         for name in names if name.lower().endswith(IMAGE_EXTS))
+        on_disk_set = set(on_disk)
+        problems += [f"{os.path.join(root, f)}: image has no caption in {captions_file}"
+                     for f in on_disk if f not in records]
+        problems += [f"{os.path.join(root, f)}: captioned in {captions_file} but not found"
+                     for f in records if f not in on_disk_set]
+        files = [f for f in on_disk if f in records]
+        good = []
+        for f in tqdm(files, desc="checking images", disable=not progress, unit="img"):
+            try:
+                with Image.open(os.path.join(root, f)) as im:
+                    im.verify()  # reads the whole file and checks it decodes
+                good.append(f)
+            except Exception as e:
+                problems.append(f"{os.path.join(root, f)}: unreadable image ({e.__class__.__name__})")
+        if problems and not skip_bad:
+            raise ValueError(f"{problems[0]}  ({len(problems)} problem(s) in all; fix them, or pass "
+                             f"--skip-bad to skip and count them)")
+        self.skipped = len(problems)
+        if problems and progress:
+            print(f"skipped {len(problems)} bad item(s), e.g. {problems[0]}")
+        if not good:
+            raise ValueError(f"no usable captioned images under {root} with {captions_file}")
+        self.files = good
+        self.captions = [records[f][0] for f in good]
+        raw = [records[f][1] for f in good]
+        classes = sorted({os.path.dirname(f) for f in good})
+        if all(r is not None for r in raw):  # labels given in the file (ints, or class names)
+            names = sorted({str(r) for r in raw})
+            self.labels = [int(r) if isinstance(r, int) else names.index(str(r)) for r in raw]
+        elif classes != [""]:  # ImageNet-style class folders
+            self.labels = [classes.index(os.path.dirname(f)) for f in good]
+        else:
+            self.labels = None
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        img = center_crop(load_rgb(os.path.join(self.root, self.files[i])), self.image_size)
+        return to_tensor(img), i, (self.labels[i] if self.labels is not None else -1)
+
+
+#################################################################################
+#                                    Sampler                                    #
+#################################################################################
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """
+    Each rank's share of a seeded per-epoch shuffle, starting at a given batch so a resumed run
+    sees exactly the data the uninterrupted run would have (what DistributedSampler lacks).
+    Every epoch is cut to a whole number of global batches, so all ranks take the same steps.
+    """
+
+    def __init__(self, n: int, batch_per_rank: int, rank: int = 0, world: int = 1, seed: int = 0):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch_per_rank, rank, world, seed
+        self.steps_per_epoch = n // (batch_per_rank * world)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"dataset of {n} images is smaller than one global batch "
+                             f"({batch_per_rank} x {world} ranks); lower --batch-size")
+        self.epoch, self.start_step = 0, 0
+
+    def set_position(self, epoch: int, step_in_epoch: int):
+        self.epoch, self.start_step = epoch, step_in_epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch * self.world]
+        # Global batch k is order[k*B*W:(k+1)*B*W]; this rank takes its contiguous B-slice of it.
+        order = order.view(self.steps_per_epoch, self.world, self.batch)[self.start_step:, self.rank]
+        return iter(order.flatten().tolist())
+
+    def __len__(self):
+        return (self.steps_per_epoch - self.start_step) * self.batch

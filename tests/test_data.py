@@ -1,0 +1,160 @@
+"""What data.py promises: a deterministic built-in dataset whose captions describe its images,
+real-data loading with every conversion, and a clear error (or a counted skip) for bad input."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import COLORS, PLACES, SIZES, CaptionedImages, ShapesDataset, ShardedSampler, center_crop, make_scene
+
+
+def test_builtin_dataset_is_deterministic_by_seed():
+    a, b, c = ShapesDataset(6, 32, seed=7), ShapesDataset(6, 32, seed=7), ShapesDataset(6, 32, seed=8)
+    assert a.captions == b.captions and a.captions != c.captions
+    for i in range(6):
+        assert torch.equal(a[i][0], b[i][0])
+    assert not all(torch.equal(a[i][0], c[i][0]) for i in range(6))
+    x = a[0][0]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def nearest_color(rgb):
+    return min(COLORS, key=lambda n: sum((int(c) - int(v)) ** 2 for c, v in zip(COLORS[n], rgb)))
+
+
+CAPTION_OBJECT = re.compile(r"an? (small|medium|large) (\w+) (circle|square|triangle|diamond|cross|star) "
+                            r"(?:in|at) the ((?:top |bottom )?(?:left|right)|top|bottom|center)")
+
+
+def test_captions_describe_their_images():
+    # Property test over many scenes: read each caption back, then check the image says the same.
+    size = 96
+    data = ShapesDataset(200, size, seed=11)
+    for i in range(len(data)):
+        caption, scene = data.captions[i], data.scenes[i]
+        img = ((data[i][0].permute(1, 2, 0) + 1) * 127.5).round().numpy()
+        objects = CAPTION_OBJECT.findall(caption)
+        assert len(objects) == len(scene["objects"]), caption
+        background = re.search(r"on an? (\w+) background$", caption).group(1)
+        cell = size / 3
+        for (size_word, color, shape, place), truth in zip(objects, scene["objects"]):
+            row, col = divmod(PLACES.index(place), 3)
+            cx = (col + 0.5 + truth["jitter"][0]) * cell
+            cy = (row + 0.5 + truth["jitter"][1]) * cell
+            assert col * cell <= cx < (col + 1) * cell and row * cell <= cy < (row + 1) * cell  # in its named cell
+            assert nearest_color(img[int(cy), int(cx)]) == color, (i, caption)  # the named colour
+            assert size_word in SIZES and shape == truth["shape"]
+        empty = set(range(9)) - {PLACES.index(o[3]) for o in objects}
+        for c in empty:  # an empty cell shows the named background
+            row, col = divmod(c, 3)
+            assert nearest_color(img[int((row + 0.5) * cell), int((col + 0.5) * cell)]) == background, (i, caption)
+
+
+def test_captions_leave_detail_to_the_image_tokens():
+    # Two scenes with the same caption words can still differ (jitter, rotation, shade, gradient).
+    s = make_scene(0, seed=0)
+    assert {"jitter", "angle", "shade"} <= set(s["objects"][0]) and s["gradient"]["amount"] >= 0
+
+
+def write(path, img):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    rgb = Image.new("RGB", (40, 30), (200, 10, 10))
+    write(root / "rgb.jpg", rgb)
+    write(root / "gray.png", Image.new("L", (30, 30), 128))
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 255, 0))  # fully transparent blue -> white
+    write(root / "rgba.png", rgba)
+    write(root / "palette.gif", Image.new("RGB", (32, 32), (0, 200, 0)).convert("P"))
+    lines = [{"file": "rgb.jpg", "caption": "a red picture"}, {"file": "gray.png", "caption": "gray"},
+             {"file": "rgba.png", "caption": "nothing"}, {"file": "palette.gif", "caption": "a green picture"}]
+    caps = tmp_path / "captions.jsonl"
+    caps.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return root, caps
+
+
+def test_folder_dataset_converts_every_mode(folder):
+    root, caps = folder
+    data = CaptionedImages(str(root), str(caps), image_size=16, progress=False)
+    assert len(data) == 4 and data.labels is None
+    by_file = {f: data[i][0] for i, f in enumerate(data.files)}
+    for x in by_file.values():
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.allclose(by_file["rgba.png"], torch.ones(3, 16, 16))  # transparency -> white
+    assert torch.allclose(by_file["gray.png"][0], by_file["gray.png"][2])  # gray -> equal channels
+    assert by_file["palette.gif"][1].mean() > 0.4  # palette -> its green
+    assert data.captions[data.files.index("rgb.jpg")] == "a red picture"
+
+
+def test_class_folders_give_labels(tmp_path):
+    root = tmp_path / "train"
+    lines = []
+    for cls in ("n02", "n01"):
+        for k in range(2):
+            write(root / cls / f"{k}.png", Image.new("RGB", (20, 20), (k * 50, 0, 0)))
+            lines.append({"file": f"{cls}/{k}.png", "caption": f"an image of class {cls}"})
+    caps = tmp_path / "c.jsonl"
+    caps.write_text("\n".join(json.dumps(line) for line in lines))
+    data = CaptionedImages(str(root), str(caps), image_size=16, progress=False)
+    assert [data[i][2] for i in range(4)] == [0, 0, 1, 1]  # n01 -> 0, n02 -> 1 (sorted)
+
+
+def test_bad_input_errors_name_the_file(folder, tmp_path):
+    root, caps = folder
+    (root / "broken.jpg").write_bytes(b"this is not a jpeg")
+    with caps.open("a") as f:
+        f.write(json.dumps({"file": "broken.jpg", "caption": "broken"}) + "\n")
+    with pytest.raises(ValueError, match=r"broken\.jpg: unreadable image.*--skip-bad"):
+        CaptionedImages(str(root), str(caps), 16, progress=False)
+    data = CaptionedImages(str(root), str(caps), 16, skip_bad=True, progress=False)
+    assert len(data) == 4 and data.skipped == 1
+
+    write(root / "uncaptioned.png", Image.new("RGB", (20, 20)))
+    with pytest.raises(ValueError, match=r"uncaptioned\.png: image has no caption"):
+        CaptionedImages(str(root), str(caps), 16, progress=False)
+    (root / "uncaptioned.png").unlink()
+    (root / "broken.jpg").unlink()
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(caps.read_text().replace('"a red picture"', '"   "'))
+    with pytest.raises(ValueError, match=r"rgb\.jpg: empty caption"):
+        CaptionedImages(str(root), str(empty), 16, progress=False)
+    assert len(CaptionedImages(str(root), str(empty), 16, skip_bad=True, progress=False)) == 3
+
+    garbled = tmp_path / "garbled.jsonl"
+    garbled.write_text('{"file": "rgb.jpg", "caption": "ok"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"garbled\.jsonl:2"):
+        CaptionedImages(str(root), str(garbled), 16, progress=False)
+    with pytest.raises(FileNotFoundError, match="--data"):
+        CaptionedImages(str(tmp_path / "nope"), str(caps), 16, progress=False)
+    with pytest.raises(FileNotFoundError, match="--captions"):
+        CaptionedImages(str(root), str(tmp_path / "nope.jsonl"), 16, progress=False)
+
+
+def test_center_crop_keeps_the_middle():
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, 100:200] = 255  # a white middle third on a wide image
+    out = np.asarray(center_crop(Image.fromarray(arr), 32))
+    assert out.shape == (32, 32, 3) and out[4:-4, 4:-4].min() > 200
+
+
+def test_sharded_sampler_partitions_global_batches_and_resumes():
+    n, B, W = 50, 4, 3
+    ranks = [list(ShardedSampler(n, B, r, W, seed=1)) for r in range(W)]
+    steps = ShardedSampler(n, B, 0, W).steps_per_epoch
+    assert steps == 4
+    flat = [i for r in ranks for i in r]
+    assert len(flat) == len(set(flat)) == steps * B * W  # disjoint, and every rank takes the same steps
+    single = list(ShardedSampler(n, B * W, 0, 1, seed=1))
+    for k in range(steps):  # global batch k of W ranks == batch k of one process with W x the batch
+        assert sorted(single[k * B * W:(k + 1) * B * W]) == sorted(i for r in ranks for i in r[k * B:(k + 1) * B])
+    resumed = ShardedSampler(n, B, 1, W, seed=1)
+    resumed.set_position(0, 2)
+    assert list(resumed) == ranks[1][2 * B:]
