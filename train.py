@@ -1,0 +1,468 @@
+"""
+Trains TexTok (--stage tokenizer) on one CPU, one GPU, or many GPUs and nodes, with one code path.
+
+    python train.py                                    # tiny TexTok on the built-in shapes, CPU ok
+    python train.py --model TexTok-B --image-size 256 --patch-size 16 --num-tokens 128 \\
+        --data /data/imagenet/train --captions captions.jsonl --text-encoder t5-xl --batch-size 256
+    torchrun --nproc_per_node=8 train.py ...           # DDP: same flags, --batch-size is global
+
+What a step does (paper §3.2, losses following MAGVIT-v2 [49] and TiTok [50]):
+    images + cached caption embeddings -> TexTok -> reconstruction
+    tokenizer loss = l2 + lpips + kl  (+ hinge GAN once the discriminator has started)
+    discriminator loss = hinge(real, fake) + LeCAM(real, fake)
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import CaptionedImages, ShapesDataset, ShardedSampler
+from eval_fid import psnr, ssim
+from textok import (LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss, kl_loss,
+                    l2_loss, make_config)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", default="tokenizer", choices=["tokenizer"], help="what to train")
+    p.add_argument("--out", default="out/textok", help="folder for checkpoints, grids and the log")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt-latest.pt")
+    p.add_argument("--seed", type=int, default=0)
+    # model (defaults: a tiny TexTok that trains on a 2-core CPU in a few minutes)
+    p.add_argument("--model", default="TexTok-T", choices=list(TexTok_models))
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--num-tokens", type=int, default=32, help="N latent image tokens")
+    p.add_argument("--token-dim", type=int, default=8, help="d channels per token (paper: 8)")
+    p.add_argument("--text-in", default="both", choices=["none", "tokenizer", "detokenizer", "both"])
+    p.add_argument("--text-mode", default="in-context", choices=["in-context", "cross-attn"])
+    p.add_argument("--cond", default="text", choices=["text", "class"], help="captions, or a class embedding")
+    p.add_argument("--text-encoder", default="minilm",
+                   help="minilm (offline, packaged), t5-xl (paper), t5-xxl, a hub name, or a local folder")
+    p.add_argument("--text-len", type=int, default=64, help="text tokens per caption (paper: 128)")
+    # data
+    p.add_argument("--data", default="builtin", help="'builtin' (captioned shapes) or an image folder")
+    p.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images/captions instead of failing")
+    p.add_argument("--num-images", type=int, default=4096, help="size of the built-in training set")
+    p.add_argument("--val-images", type=int, default=256, help="held-out images for PSNR/SSIM and grids")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on for folders; off for builtin, whose captions say left/right)")
+    p.add_argument("--cache-dir", default="cache", help="where caption embeddings are cached")
+    p.add_argument("--num-workers", type=int, default=2)
+    # optimisation
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across ranks")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr", type=float, default=3e-5)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    # losses: weights follow MAGVIT-v2 [49], which the paper follows (§3.2); KL as in LDM VAEs
+    p.add_argument("--l2-weight", type=float, default=1.0)
+    p.add_argument("--lpips-weight", type=float, default=0.1, help="0 trains without LPIPS")
+    p.add_argument("--lpips-weights", default=None, help="local LPIPS weights file (else packaged, else download)")
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--gan-weight", type=float, default=0.1, help="0 trains without the GAN")
+    p.add_argument("--gan-loss", default="hinge", choices=["hinge", "non-saturating"])
+    p.add_argument("--lecam-weight", type=float, default=0.001)
+    p.add_argument("--disc-start", type=int, default=500, help="step at which the discriminator starts")
+    p.add_argument("--disc-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--disc-channel-base", type=int, default=1024, help="16384 gives the paper's ~24M D at 256 px")
+    p.add_argument("--disc-channel-max", type=int, default=128, help="512 for the paper's D")
+    # systems
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=200, help="overwrite ckpt-latest.pt")
+    p.add_argument("--keep-every", type=int, default=0, help="also keep ckpt-<step>.pt every this many steps")
+    return p.parse_args(argv)
+
+
+#################################################################################
+#                              Distributed helpers                              #
+#################################################################################
+
+def setup_distributed():
+    """DDP when torchrun set RANK/WORLD_SIZE (nccl on CUDA, gloo on CPU); else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        return rank, world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def mean_across_ranks(t):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+#################################################################################
+#                             Caption-embedding cache                           #
+#################################################################################
+
+def text_cache(captions, encoder_name, text_len, cache_dir, device, rank):
+    """
+    Caption embeddings for a list of captions, computed once and cached on disk as fp16 .npy
+    (memory-mapped, so a dataset larger than RAM works), keyed by encoder, length and captions.
+    Rank 0 computes; other ranks wait at a barrier and read the same files.
+    """
+    key = hashlib.sha256(json.dumps([encoder_name, text_len, captions]).encode()).hexdigest()[:16]
+    emb_path, mask_path = (os.path.join(cache_dir, f"text-{key}-{s}.npy") for s in ("emb", "mask"))
+    if rank == 0 and not os.path.exists(mask_path):
+        os.makedirs(cache_dir, exist_ok=True)
+        encoder = TextEncoder(encoder_name, text_len, device)
+        emb, mask = encoder.encode_all(captions)
+        for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):
+            with open(path + ".tmp", "wb") as f:  # atomic: a killed run never leaves half a cache
+                np.save(f, arr)
+            os.replace(path + ".tmp", path)
+        del encoder
+    if dist.is_initialized():
+        dist.barrier()
+    return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
+
+
+def fetch_text(cache, idx, device, trim=False):
+    """Rows `idx` of a cache -> (embeddings (B, Nt, Dt) float32, mask (B, Nt) bool) on device.
+    trim=True cuts the padding past the batch's longest caption. That is exact, because padded
+    keys are masked out of attention, and it saves a third of the compute on short captions; it
+    is off under torch.compile, which would recompile for every new length."""
+    order = np.asarray(idx)
+    emb, mask = np.ascontiguousarray(cache[0][order]), np.ascontiguousarray(cache[1][order])
+    if trim:
+        length = max(1, int(mask.sum(1).max()))
+        emb, mask = emb[:, :length], mask[:, :length]
+    return (torch.from_numpy(emb).to(device, non_blocking=True).float(),
+            torch.from_numpy(mask).to(device, non_blocking=True))
+
+
+#################################################################################
+#                                   Utilities                                   #
+#################################################################################
+
+def lr_at(step, base, args):
+    """Linear warmup, then cosine decay to min_lr (scaled by base / lr for the discriminator)."""
+    floor = args.min_lr * base / args.lr
+    if step < args.warmup_steps:
+        return base * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
+    return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * progress))
+
+
+def adamw(model, lr, args, device):
+    """AdamW with weight decay on 2-D weights only (every matmul and embedding); biases, norms,
+    learned tokens and position embeddings are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() == 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() != 2]
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=other, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+
+
+def save_checkpoint(state, path):
+    """Atomic: write a temporary file, then rename over the old one. A crash mid-write leaves the
+    previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def to_uint8(x):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(path, x, recon, recon_empty):
+    """Rows of: input | reconstruction | reconstruction with an empty caption | |error| (x4)."""
+    err = ((recon.float() - x.float()).abs().mean(1, keepdim=True) * 2).clamp(0, 1).expand_as(x) * 2 - 1
+    cols = [x, recon, recon_empty if recon_empty is not None else torch.full_like(x, -1), err]
+    tiles = np.concatenate([np.concatenate(list(to_uint8(c)), axis=0) for c in cols], axis=1)  # (B*H, 4*W, 3)
+    scale = max(1, 128 // x.shape[-1])  # small images are shown enlarged, pixels kept sharp
+    img = Image.fromarray(tiles).resize((tiles.shape[1] * scale, tiles.shape[0] * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (img.width, img.height + 14), "white")
+    canvas.paste(img, (0, 14))
+    draw, w = ImageDraw.Draw(canvas), img.width // 4
+    for i, name in enumerate(["input", "recon", "recon, empty caption", "|error| x4"]):
+        draw.text((i * w + 2, 1), name, fill="black")
+    canvas.save(path)
+
+
+#################################################################################
+#                                    Training                                   #
+#################################################################################
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
+    B = args.batch_size // world  # this rank's share of the global batch
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    # bf16 autocast on CUDA (no GradScaler needed for bf16); plain fp32 on the CPU.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    os.makedirs(args.out, exist_ok=True)
+
+    # ---- data: train + held-out images, captions embedded once into the cache ----
+    if args.data == "builtin":
+        train_set = ShapesDataset(args.num_images, args.image_size, seed=args.seed)
+        val_set = ShapesDataset(args.val_images, args.image_size, seed=args.seed + 1)  # disjoint seed
+        hflip = bool(args.hflip)  # off by default: a flip would contradict "at the left" in the caption
+    else:
+        if not args.captions:
+            raise ValueError(f"--data {args.data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
+        full = CaptionedImages(args.data, args.captions, args.image_size, args.skip_bad, progress=master)
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_val = min(args.val_images, len(full) // 10)
+        train_set, val_set = (torch.utils.data.Subset(full, sorted(ix)) for ix in (perm[n_val:], perm[:n_val]))
+        train_set.captions = [full.captions[i] for i in train_set.indices]
+        val_set.captions = [full.captions[i] for i in val_set.indices]
+        hflip = args.hflip is not False  # ADM-style random flips for real data
+    use_text = args.cond == "text" and args.text_in != "none"
+    text_dim = 0
+    if use_text:
+        enc_device = device if device.type == "cuda" else "cpu"
+        train_text = text_cache(train_set.captions, args.text_encoder, args.text_len, args.cache_dir, enc_device, rank)
+        # The held-out cache gets one extra row, the empty caption, for the grid's third column.
+        val_text = text_cache(val_set.captions + [""], args.text_encoder, args.text_len, args.cache_dir, enc_device, rank)
+        text_dim = train_text[0].shape[-1]
+    num_classes = 1
+    if args.cond == "class":
+        labels = getattr(train_set, "labels", None) or getattr(getattr(train_set, "dataset", None), "labels", None)
+        if labels is None:
+            raise ValueError("--cond class needs class labels: use class folders or a 'label' per caption line")
+        num_classes = max(labels) + 1
+
+    # ---- models: TexTok (+ EMA), discriminator, LPIPS, LeCAM ----
+    cfg = make_config(args.model, image_size=args.image_size, patch_size=args.patch_size, num_tokens=args.num_tokens,
+                      token_dim=args.token_dim, text_dim=text_dim or 1, text_len=args.text_len,
+                      text_in=args.text_in, text_mode=args.text_mode, cond=args.cond, num_classes=num_classes,
+                      text_encoder=args.text_encoder if use_text else "")
+    raw_model = TexTok(cfg).to(device)
+    ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
+    use_gan = args.gan_weight > 0
+    raw_disc = Discriminator(args.image_size, args.disc_channel_base, args.disc_channel_max).to(device)
+    lecam = LeCAM().to(device)
+    lpips = LPIPS.load(args.lpips_weights, device) if args.lpips_weight > 0 else None
+    opt = adamw(raw_model, args.lr, args, device)
+    opt_d = adamw(raw_disc, args.disc_lr or args.lr, args, device)
+
+    step = 0
+    ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"{ckpt_path} not found; nothing to resume (drop --resume or fix --out)")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        raw_model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
+        raw_disc.load_state_dict(ckpt["disc"]); lecam.load_state_dict(ckpt["lecam"])
+        opt.load_state_dict(ckpt["opt"]); opt_d.load_state_dict(ckpt["opt_d"])
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())
+        if device.type == "cuda" and ckpt["rng_cuda"].numel():
+            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+        step = ckpt["step"]
+        changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
+                   and k not in ("resume", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")}
+        if changed and master:
+            print(f"warning: resuming {ckpt_path} with changed flags (saved, now): {changed}")
+        del ckpt
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    if master:
+        print(f"TexTok config: {json.dumps(asdict(cfg))}")
+        print(f"{args.model}: {n_params / 1e6:.2f}M params | discriminator {sum(p.numel() for p in raw_disc.parameters()) / 1e6:.2f}M "
+              f"| {len(train_set)} train / {len(val_set)} held-out images | {world} rank(s) on {device} "
+              f"| global batch {args.batch_size} | compile={use_compile}")
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+
+    model, disc = raw_model, raw_disc
+    if use_compile:
+        model, disc = torch.compile(raw_model), torch.compile(raw_disc)
+    disc_fwd = disc  # used for the generator's adversarial term: no DDP, params frozen there
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = ShardedSampler(len(train_set), B, rank, world, args.seed)
+    spe = sampler.steps_per_epoch
+
+    def batches(from_step):
+        """Endless (images, indices, labels) batches from global step `from_step` on."""
+        epoch, pos = divmod(from_step, spe)
+        while True:
+            sampler.set_position(epoch, pos)
+            loader = torch.utils.data.DataLoader(train_set, batch_size=B, sampler=sampler, drop_last=True,
+                                                 num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                                 persistent_workers=False)
+            yield from loader
+            epoch, pos = epoch + 1, 0
+
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=64, num_workers=0)
+
+    @torch.no_grad()
+    def evaluate():
+        """PSNR/SSIM of the EMA tokenizer on held-out images, with captions and with empty ones."""
+        scores = {"psnr": [], "ssim": [], "psnr_empty": []}
+        grid = None
+        for x, idx, lab in val_loader:
+            x, lab = x.to(device), lab.to(device)
+            text = mask = text0 = mask0 = None
+            if use_text:
+                text, mask = fetch_text(val_text, idx, device, trim=not use_compile)
+                text0, mask0 = fetch_text(val_text, [len(val_set)] * len(idx), device, trim=not use_compile)  # empty caption
+            with autocast:
+                recon = ema(x, text, mask, lab, sample=False)[0].float()
+                recon0 = ema(x, text0, mask0, lab, sample=False)[0].float() if use_text else None
+            scores["psnr"].append(psnr(recon, x)); scores["ssim"].append(ssim(recon, x))
+            if use_text:
+                scores["psnr_empty"].append(psnr(recon0, x))
+            if grid is None:
+                grid = (x[:8], recon[:8], None if recon0 is None else recon0[:8])
+        return {k: torch.cat(v).mean().item() for k, v in scores.items() if v}, grid
+
+    def checkpoint(path):
+        save_checkpoint({
+            "step": step, "data_position": {"epoch": step // spe, "step_in_epoch": step % spe},
+            "model": raw_model.state_dict(), "ema": ema.state_dict(), "disc": raw_disc.state_dict(),
+            "lecam": lecam.state_dict(), "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
+            # All per-step randomness is seeded by the step (see the loop); the global RNG states
+            # are saved too, for anything a fork adds that draws from them.
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
+            "args": vars(args), "config": asdict(cfg)}, path)
+
+    # ---- the loop ----
+    log_path = os.path.join(args.out, "log.jsonl")
+    data = batches(step)
+    model.train(); disc.train()
+    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+    sums, count, t0, seen = None, 0, time.time(), 0
+    bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
+    while step < args.steps:
+        x, idx, lab = next(data)
+        x, lab = x.to(device, non_blocking=True), lab.to(device, non_blocking=True)
+        text = mask = None
+        if use_text:
+            text, mask = fetch_text(train_text, idx, device, trim=not use_compile)
+        # Per-step randomness (posterior noise, flips) is drawn for the *global* batch from a
+        # generator seeded by (seed, step), and each rank takes its slice: one rank or eight,
+        # fresh or resumed, the same step sees the same numbers.
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        noise = torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g)[rank * B:(rank + 1) * B]
+        flip = torch.rand(args.batch_size, generator=g)[rank * B:(rank + 1) * B] < 0.5
+        if hflip:
+            x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        adversarial = use_gan and step >= args.disc_start
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.lr, args)
+
+        # -- tokenizer step --
+        with autocast:
+            recon, post = model(x, text, mask, lab, noise=noise.to(device))
+            loss_lpips = lpips(recon, x).mean() if lpips is not None else torch.zeros((), device=device)
+        loss_l2, loss_kl = l2_loss(recon, x), kl_loss(post)
+        loss = args.l2_weight * loss_l2 + args.lpips_weight * loss_lpips + args.kl_weight * loss_kl
+        loss_g = torch.zeros((), device=device)
+        if adversarial:
+            raw_disc.requires_grad_(False)  # D is only a critic here: gradients reach the image, not D
+            with autocast:
+                loss_g = g_loss(disc_fwd(recon), args.gan_loss)
+            raw_disc.requires_grad_(True)
+            loss = loss + args.gan_weight * loss_g
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        opt.step()
+        with torch.no_grad():  # EMA of the tokenizer weights (what is evaluated and shared)
+            # Warm-up as in TensorFlow's ExponentialMovingAverage(num_updates): early on the
+            # average forgets faster, so a short run's EMA is not dominated by the random init.
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+        # -- discriminator step: real and fake in one batch, so one DDP forward/backward --
+        loss_d = loss_lecam = torch.zeros((), device=device)
+        if adversarial:
+            for group in opt_d.param_groups:
+                group["lr"] = lr_at(step, args.disc_lr or args.lr, args)
+            with autocast:
+                real, fake = disc(torch.cat([x, recon.detach()])).float().chunk(2)
+            loss_lecam = lecam(real, fake)
+            loss_d = d_loss(real, fake, args.gan_loss)
+            opt_d.zero_grad(set_to_none=True)
+            (loss_d + args.lecam_weight * loss_lecam).backward()
+            torch.nn.utils.clip_grad_norm_(raw_disc.parameters(), args.grad_clip)
+            opt_d.step()
+            lecam.update(*mean_across_ranks(torch.stack([real.mean(), fake.mean()]).detach()))
+
+        step += 1
+        seen += args.batch_size
+        terms = torch.stack([loss.detach(), loss_l2.detach(), loss_lpips.detach(), loss_kl.detach(),
+                             loss_g.detach(), loss_d.detach(), loss_lecam.detach(), grad_norm.detach()])
+        sums = terms if sums is None else sums + terms  # stays on device: no host sync per step
+        count += 1
+
+        # -- logging (losses averaged over the interval and across ranks) --
+        if step % args.log_every == 0 or step == args.steps:
+            avg = mean_across_ranks(sums / count).tolist()
+            names = ["loss", "l2", "lpips", "kl", "g_adv", "d", "lecam", "grad_norm"]
+            rec = {"step": step, **{k: round(v, 6) for k, v in zip(names, avg)},
+                   "lr": lr_at(step - 1, args.lr, args), "img_per_s": round(seen / (time.time() - t0), 1)}
+            if master:
+                bar.set_postfix(l2=f"{rec['l2']:.4f}", lpips=f"{rec['lpips']:.3f}", d=f"{rec['d']:.3f}",
+                                img_s=rec["img_per_s"])
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            sums, count, t0, seen = None, 0, time.time(), 0
+        if master:
+            bar.update(1)
+
+        # -- held-out evaluation + reconstruction grid, checkpoints --
+        if master and (step % args.eval_every == 0 or step == args.steps):
+            scores, grid = evaluate()
+            grid_path = os.path.join(args.out, f"recon-{step:07d}.png")
+            save_grid(grid_path, *grid)
+            bar.write(f"step {step}: held-out PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}"
+                      + (f", PSNR with empty captions {scores['psnr_empty']:.2f} dB" if "psnr_empty" in scores else "")
+                      + f" | grid {grid_path}")
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "eval": scores, "grid": grid_path}) + "\n")
+        if master and (step % args.save_every == 0 or step == args.steps):
+            checkpoint(ckpt_path)
+        if master and args.keep_every and step % args.keep_every == 0:
+            checkpoint(os.path.join(args.out, f"ckpt-{step:07d}.pt"))
+    bar.close()
+
+    if master:
+        ema.save_pretrained(os.path.join(args.out, "tokenizer"))
+        print(f"done. checkpoint: {ckpt_path}\n      tokenizer (EMA weights, safetensors): "
+              f"{os.path.join(args.out, 'tokenizer')}\n      reconstructions: {os.path.join(args.out, f'recon-{step:07d}.png')}"
+              f"\n      log: {log_path}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
