@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import textok
-from data import ShapesDataset
+from data import ShapesDataset, render, to_tensor
 from eval_fid import psnr
 from textok import (LPIPS, Discriminator, LeCAM, Posterior, TexTok, TextEncoder, d_loss, g_loss, kl_loss,
                     make_config, packaged_lpips_path, packaged_minilm_path)
@@ -244,16 +244,21 @@ def test_tiny_tokenizer_overfits_one_batch():
     x = torch.stack([data[i][0] for i in range(8)])
     cfg = tiny(text_in="none", width=64, num_tokens=16)
     model = TexTok(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     start = psnr(model(x, sample=False)[0].detach(), x).mean().item()
-    for _ in range(300):
+    for _ in range(1000):
         recon, post = model(x)
         loss = (recon - x).square().mean() + 1e-6 * kl_loss(post)
         opt.zero_grad()
         loss.backward()
         opt.step()
     end = psnr(model(x, sample=False)[0].detach(), x).mean().item()
-    assert end > start + 10, (start, end)
+    # The bar: each image's exact background (colour and gradient) with the shapes left out.
+    # A ViT autoencoder first learns backgrounds and sits there for a while; beating this by
+    # 3 dB means it has learned to reconstruct the shapes themselves.
+    empty = torch.stack([to_tensor(render({**s, "objects": []}, 16)) for s in data.scenes])
+    background_only = psnr(empty, x).mean().item()
+    assert end > start + 10 and end > background_only + 3, (start, background_only, end)
 
 
 def test_save_and_load_pretrained(tmp_path):
