@@ -81,7 +81,9 @@ def get_args(argv=None):
     p.add_argument("--gan-weight", type=float, default=0.1, help="0 trains without the GAN")
     p.add_argument("--gan-loss", default="hinge", choices=["hinge", "non-saturating"])
     p.add_argument("--lecam-weight", type=float, default=0.001)
-    p.add_argument("--disc-start", type=int, default=500, help="step at which the discriminator starts")
+    p.add_argument("--disc-start", type=int, default=20000,
+                   help="step at which the discriminator starts; late, as in TiTok/MAGVIT recipes: a GAN on "
+                        "blurry reconstructions only adds artifacts (the 800-step default never reaches it)")
     p.add_argument("--disc-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--disc-channel-base", type=int, default=1024, help="16384 gives the paper's ~24M D at 256 px")
     p.add_argument("--disc-channel-max", type=int, default=128, help="512 for the paper's D")
