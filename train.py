@@ -63,7 +63,7 @@ def get_args(argv=None):
     p.add_argument("--cache-dir", default="cache", help="where caption embeddings are cached")
     p.add_argument("--num-workers", type=int, default=2)
     # optimisation
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split across ranks")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--min-lr", type=float, default=3e-5)
@@ -83,7 +83,7 @@ def get_args(argv=None):
     p.add_argument("--lecam-weight", type=float, default=0.001)
     p.add_argument("--disc-start", type=int, default=20000,
                    help="step at which the discriminator starts; late, as in TiTok/MAGVIT recipes: a GAN on "
-                        "blurry reconstructions only adds artifacts (the 800-step default never reaches it)")
+                        "blurry reconstructions only adds artifacts (the 700-step default never reaches it)")
     p.add_argument("--disc-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--disc-channel-base", type=int, default=1024, help="16384 gives the paper's ~24M D at 256 px")
     p.add_argument("--disc-channel-max", type=int, default=128, help="512 for the paper's D")
