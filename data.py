@@ -37,8 +37,8 @@ SUPERSAMPLE = 128  # shapes are drawn at >= this many pixels, then downsampled (
 def _polygon(shape, cx, cy, r, angle):
     """Vertices of a shape of radius r centred at (cx, cy), rotated by angle (radians)."""
     if shape == "square":
-        pts = [(r * math.cos(a), r * math.sin(a)) for a in np.arange(4) * math.pi / 2 + math.pi / 4]
-        pts = [(x / math.sqrt(2) * 1.25, y / math.sqrt(2) * 1.25) for x, y in pts]
+        s = 0.625 * r  # half the side: a square a little smaller than the circle of radius r
+        pts = [(-s, -s), (s, -s), (s, s), (-s, s)]
     elif shape == "triangle":
         pts = [(r * math.cos(a), r * math.sin(a)) for a in np.arange(3) * 2 * math.pi / 3 - math.pi / 2]
     elif shape == "diamond":

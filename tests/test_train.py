@@ -2,7 +2,6 @@
 survive a crash mid-write, and clear errors for bad input."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
