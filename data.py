@@ -8,8 +8,9 @@ Datasets shared by train.py, sample.py and eval_fid.py.
     CaptionedImages     real data: an image folder (flat or ImageNet-style class folders) plus a
                         JSON-lines caption file  {"file": ..., "caption": ..., "label": ...}.
 
-Both return (image (3, H, W) float in [-1, 1], index, label); captions live in `.captions` so the
-text encoder runs over them once (train.py caches the embeddings) and never per step.
+Both return (image (3, H, W) float in [-1, 1], index, label (-1: none)). Captions live in
+`.captions` and labels in `.labels` (None when there are no classes), so the text encoder runs
+over them once (train.py caches the embeddings) and never per step.
 """
 import json
 import math
@@ -121,13 +122,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.num_images, self.image_size, self.seed = num_images, image_size, seed
         self.scenes = [make_scene(i, seed) for i in range(num_images)]
         self.captions = [caption_of(s) for s in self.scenes]
-        self.labels = None  # no classes: shapes are described, not labelled
+        # A class label, for the class-conditional paths (DiT, the class-embedding ablation):
+        # the shape of the first object, as ImageNet's class is the main object (6 classes).
+        self.labels = [SHAPES.index(s["objects"][0]["shape"]) for s in self.scenes]
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, i):
-        return to_tensor(render(self.scenes[i], self.image_size)), i, -1
+        return to_tensor(render(self.scenes[i], self.image_size)), i, self.labels[i]
 
 
 #################################################################################
