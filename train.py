@@ -30,17 +30,29 @@ from tqdm import tqdm
 
 from data import CaptionedImages, ShapesDataset, ShardedSampler
 from eval_fid import psnr, ssim
+from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss, kl_loss,
                     l2_loss, make_config)
 
 
+# Flags whose default depends on the stage: the tokenizer recipe (MAGVIT-v2 / TiTok style,
+# shrunk to finish in minutes on a CPU) and the DiT recipe (DiT: AdamW, no weight decay,
+# beta2 0.999, EMA 0.9999; its constant lr 1e-4 at batch 256 is raised here for small batches).
+STAGE_DEFAULTS = {
+    "tokenizer": dict(out="out/textok", steps=700, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=50,
+                      weight_decay=1e-4, beta2=0.99, ema_decay=0.999, eval_every=200, save_every=200),
+    "dit": dict(out="out/dit", steps=3000, batch_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=100,
+                weight_decay=0.0, beta2=0.999, ema_decay=0.9999, eval_every=1000, save_every=500),
+}
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="tokenizer", choices=["tokenizer"], help="what to train")
-    p.add_argument("--out", default="out/textok", help="folder for checkpoints, grids and the log")
+    p.add_argument("--stage", default="tokenizer", choices=["tokenizer", "dit"], help="what to train")
+    p.add_argument("--out", default=None, help="folder for checkpoints, grids and the log (out/textok, out/dit)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt-latest.pt")
     p.add_argument("--seed", type=int, default=0)
-    # model (defaults: a tiny TexTok that trains on a 2-core CPU in a few minutes)
+    # tokenizer (--stage tokenizer)
     p.add_argument("--model", default="TexTok-T", choices=list(TexTok_models))
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=4)
@@ -50,8 +62,15 @@ def get_args(argv=None):
     p.add_argument("--text-mode", default="in-context", choices=["in-context", "cross-attn"])
     p.add_argument("--cond", default="text", choices=["text", "class"], help="captions, or a class embedding")
     p.add_argument("--text-encoder", default="minilm",
-                   help="minilm (offline, packaged), t5-xl (paper), t5-xxl, a hub name, or a local folder")
+                   help="minilm (offline), t5-xl (paper, 256 px), t5-xxl (512 px), a hub name or a local folder")
     p.add_argument("--text-len", type=int, default=64, help="text tokens per caption (paper: 128)")
+    # DiT (--stage dit)
+    p.add_argument("--tokenizer", default="out/textok/tokenizer", help="trained tokenizer folder (train.py writes one)")
+    p.add_argument("--dit-model", default="DiT-T", choices=list(DiT_models))
+    p.add_argument("--dit-cond", default=None, choices=["class", "text"],
+                   help="class-conditional DiT or DiT-T2I; default: text when the data has no class labels")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids")
     # data
     p.add_argument("--data", default="builtin", help="'builtin' (captioned shapes) or an image folder")
     p.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
@@ -59,21 +78,21 @@ def get_args(argv=None):
     p.add_argument("--num-images", type=int, default=4096, help="size of the built-in training set")
     p.add_argument("--val-images", type=int, default=256, help="held-out images for PSNR/SSIM and grids")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on for folders; off for builtin, whose captions say left/right)")
-    p.add_argument("--cache-dir", default="cache", help="where caption embeddings are cached")
+                   help="random horizontal flips (default: on for real data, off for the built-in set)")
+    p.add_argument("--cache-dir", default="cache", help="where caption embeddings and DiT latents are cached")
     p.add_argument("--num-workers", type=int, default=2)
-    # optimisation
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across ranks")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--min-lr", type=float, default=3e-5)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    # optimisation (defaults per stage: see STAGE_DEFAULTS)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch, split across ranks")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--beta2", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    # losses: weights follow MAGVIT-v2 [49], which the paper follows (§3.2); KL as in LDM VAEs
+    p.add_argument("--ema-decay", type=float, default=None)
+    # losses (tokenizer)
     p.add_argument("--l2-weight", type=float, default=1.0)
     p.add_argument("--lpips-weight", type=float, default=0.1, help="0 trains without LPIPS")
     p.add_argument("--lpips-weights", default=None, help="local LPIPS weights file (else packaged, else download)")
@@ -90,10 +109,14 @@ def get_args(argv=None):
     # systems
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=200, help="overwrite ckpt-latest.pt")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out metrics and image grids")
+    p.add_argument("--save-every", type=int, default=None, help="overwrite ckpt-latest.pt")
     p.add_argument("--keep-every", type=int, default=0, help="also keep ckpt-<step>.pt every this many steps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for k, v in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 #################################################################################
@@ -159,6 +182,27 @@ def fetch_text(cache, idx, device, trim=False):
             torch.from_numpy(mask).to(device, non_blocking=True))
 
 
+def build_data(args, image_size, master):
+    """(train set, held-out set, whether to flip): the built-in shapes or a captioned folder.
+    Both stages call this, so the DiT sees exactly the images (and held-out split) the tokenizer saw."""
+    if args.data == "builtin":
+        train_set = ShapesDataset(args.num_images, image_size, seed=args.seed)
+        val_set = ShapesDataset(args.val_images, image_size, seed=args.seed + 1)  # disjoint seed
+        hflip = bool(args.hflip)  # off by default: a flip would contradict "at the left" in the caption
+    else:
+        if not args.captions:
+            raise ValueError(f"--data {args.data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
+        full = CaptionedImages(args.data, args.captions, image_size, args.skip_bad, progress=master)
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_val = min(args.val_images, len(full) // 10)
+        train_set, val_set = (torch.utils.data.Subset(full, sorted(ix)) for ix in (perm[n_val:], perm[:n_val]))
+        for subset in (train_set, val_set):
+            subset.captions = [full.captions[i] for i in subset.indices]
+            subset.labels = None if full.labels is None else [full.labels[i] for i in subset.indices]
+        hflip = args.hflip is not False  # ADM-style random flips for real data
+    return train_set, val_set, hflip
+
+
 #################################################################################
 #                                   Utilities                                   #
 #################################################################################
@@ -189,6 +233,24 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
+def load_for_resume(ckpt_path, args, device, master):
+    """The checkpoint to resume from, with the global RNG states restored and a warning for any
+    flag that changed since it was written (steps and logging intervals may change freely)."""
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path} not found; nothing to resume (drop --resume or fix --out)")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if ckpt["args"].get("stage", "tokenizer") != args.stage:
+        raise ValueError(f"{ckpt_path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
+    torch.set_rng_state(ckpt["rng_cpu"].cpu())
+    if device.type == "cuda" and ckpt["rng_cuda"].numel():
+        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+    changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
+               and k not in ("resume", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")}
+    if changed and master:
+        print(f"warning: resuming {ckpt_path} with changed flags (saved, now): {changed}")
+    return ckpt
+
+
 def to_uint8(x):
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -213,35 +275,9 @@ def save_grid(path, x, recon, recon_empty):
 #                                    Training                                   #
 #################################################################################
 
-def main(argv=None):
-    args = get_args(argv)
-    rank, world, device = setup_distributed()
-    master = rank == 0
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
-    B = args.batch_size // world  # this rank's share of the global batch
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    # bf16 autocast on CUDA (no GradScaler needed for bf16); plain fp32 on the CPU.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    os.makedirs(args.out, exist_ok=True)
-
-    # ---- data: train + held-out images, captions embedded once into the cache ----
-    if args.data == "builtin":
-        train_set = ShapesDataset(args.num_images, args.image_size, seed=args.seed)
-        val_set = ShapesDataset(args.val_images, args.image_size, seed=args.seed + 1)  # disjoint seed
-        hflip = bool(args.hflip)  # off by default: a flip would contradict "at the left" in the caption
-    else:
-        if not args.captions:
-            raise ValueError(f"--data {args.data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
-        full = CaptionedImages(args.data, args.captions, args.image_size, args.skip_bad, progress=master)
-        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_val = min(args.val_images, len(full) // 10)
-        train_set, val_set = (torch.utils.data.Subset(full, sorted(ix)) for ix in (perm[n_val:], perm[:n_val]))
-        train_set.captions = [full.captions[i] for i in train_set.indices]
-        val_set.captions = [full.captions[i] for i in val_set.indices]
-        hflip = args.hflip is not False  # ADM-style random flips for real data
+def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast):
+    """--stage tokenizer: TexTok with L2 + LPIPS + KL (+ GAN and LeCAM once the discriminator starts)."""
+    train_set, val_set, hflip = build_data(args, args.image_size, master)
     use_text = args.cond == "text" and args.text_in != "none"
     text_dim = 0
     if use_text:
@@ -252,7 +288,7 @@ def main(argv=None):
         text_dim = train_text[0].shape[-1]
     num_classes = 1
     if args.cond == "class":
-        labels = getattr(train_set, "labels", None) or getattr(getattr(train_set, "dataset", None), "labels", None)
+        labels = train_set.labels
         if labels is None:
             raise ValueError("--cond class needs class labels: use class folders or a 'label' per caption line")
         num_classes = max(labels) + 1
@@ -274,20 +310,11 @@ def main(argv=None):
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"{ckpt_path} not found; nothing to resume (drop --resume or fix --out)")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = load_for_resume(ckpt_path, args, device, master)
         raw_model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
         raw_disc.load_state_dict(ckpt["disc"]); lecam.load_state_dict(ckpt["lecam"])
         opt.load_state_dict(ckpt["opt"]); opt_d.load_state_dict(ckpt["opt_d"])
-        torch.set_rng_state(ckpt["rng_cpu"].cpu())
-        if device.type == "cuda" and ckpt["rng_cuda"].numel():
-            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
         step = ckpt["step"]
-        changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
-                   and k not in ("resume", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")}
-        if changed and master:
-            print(f"warning: resuming {ckpt_path} with changed flags (saved, now): {changed}")
         del ckpt
 
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -461,9 +488,246 @@ def main(argv=None):
         print(f"done. checkpoint: {ckpt_path}\n      tokenizer (EMA weights, safetensors): "
               f"{os.path.join(args.out, 'tokenizer')}\n      reconstructions: {os.path.join(args.out, f'recon-{step:07d}.png')}"
               f"\n      log: {log_path}")
+
+
+#################################################################################
+#                          Stage 2: the DiT on TexTok tokens                    #
+#################################################################################
+
+def file_digest(path):
+    """sha256 of a file, read in 1 MB chunks (keys the latent cache to the tokenizer's weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def latent_cache(tok, dataset, text, key_parts, cache_dir, device, rank, autocast, batch_size=64):
+    """
+    The training set encoded once by the tokenizer (posterior means, each image with its own
+    caption) into an fp32 .npy of shape (images, N, d), memory-mapped, plus the per-channel mean
+    and std of the latents (float64 sums), which the DiT uses to normalise its inputs. Keyed by
+    the tokenizer's weights and the dataset; rank 0 computes, the other ranks wait and read.
+    """
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    path, stats_path = (os.path.join(cache_dir, f"latents-{key}{s}") for s in (".npy", "-stats.json"))
+    if rank == 0 and not os.path.exists(stats_path):  # the stats file is written last: it marks completion
+        os.makedirs(cache_dir, exist_ok=True)
+        N, d = tok.cfg.num_tokens, tok.cfg.token_dim
+        out = np.lib.format.open_memmap(path + ".tmp", mode="w+", dtype=np.float32, shape=(len(dataset), N, d))
+        s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
+        for x, idx, lab in tqdm(loader, desc="encoding latents", unit="batch"):
+            t = m = None
+            if text is not None:
+                t, m = fetch_text(text, idx, device)
+            with autocast:
+                z = tok.encode(x.to(device), t, m, lab.to(device)).float().cpu()  # (b, N, d)
+            out[idx.numpy()] = z.numpy()
+            s1 += z.double().sum((0, 1))
+            s2 += z.double().pow(2).sum((0, 1))
+        out.flush()
+        del out
+        os.replace(path + ".tmp", path)
+        count = len(dataset) * N
+        mean = s1 / count
+        std = (s2 / count - mean ** 2).clamp_min(1e-12).sqrt()
+        with open(stats_path + ".tmp", "w") as f:
+            json.dump({"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)}, f)
+        os.replace(stats_path + ".tmp", stats_path)
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    with open(stats_path) as f:
+        stats = json.load(f)
+    return np.load(path, mmap_mode="r"), stats
+
+
+def train_dit(args, rank, world, device, master, B, use_compile, autocast):
+    """--stage dit: a DiT learns the distribution of a trained tokenizer's latent tokens (§3.2)."""
+    from sample import generate, save_image_grid  # the same generation code sample.py runs
+
+    # ---- the frozen tokenizer, and the data it was trained on ----
+    tok_weights = os.path.join(args.tokenizer, "model.safetensors")
+    if not os.path.isfile(tok_weights):
+        raise FileNotFoundError(f"{tok_weights} not found: train a tokenizer first (python train.py) "
+                                f"or pass --tokenizer FOLDER")
+    tok = TexTok.from_pretrained(args.tokenizer, device).requires_grad_(False).eval()
+    tcfg = tok.cfg
+    train_set, val_set, _ = build_data(args, tcfg.image_size, master)
+    labels = train_set.labels
+    dit_cond = args.dit_cond or ("class" if labels is not None and tcfg.cond == "class" else "text")
+    if dit_cond == "class" and labels is None:
+        raise ValueError("--dit-cond class needs class labels: use class folders or a 'label' per caption line")
+    tok_text = tcfg.cond == "text" and tcfg.text_in != "none"  # the tokenizer reads captions
+    encoder_name = tcfg.text_encoder or args.text_encoder  # a no-text baseline takes the DiT-T2I's from the flag
+    text_len = tcfg.text_len
+    train_text = val_text = None
+    if tok_text or dit_cond == "text":
+        enc_device = device if device.type == "cuda" else "cpu"
+        train_text = text_cache(train_set.captions, encoder_name, text_len, args.cache_dir, enc_device, rank)
+        val_text = text_cache(val_set.captions + [""], encoder_name, text_len, args.cache_dir, enc_device, rank)
+    data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set),
+                hashlib.sha256(json.dumps(train_set.captions).encode()).hexdigest()]
+    latents, stats = latent_cache(tok, train_set, train_text if tok_text else None,
+                                  [file_digest(tok_weights), data_key], args.cache_dir, device, rank, autocast)
+    mean = torch.tensor(stats["mean"], device=device).float()
+    std = torch.tensor(stats["std"], device=device).float()
+
+    # ---- the DiT (+ EMA) ----
+    num_classes = max(labels) + 1 if labels is not None else 1
+    text_dim = train_text[0].shape[-1] if train_text is not None else 0
+    cfg = make_dit_config(args.dit_model, num_tokens=tcfg.num_tokens, token_dim=tcfg.token_dim, cond=dit_cond,
+                          num_classes=num_classes, text_dim=text_dim, text_len=text_len)
+    raw_model = DiT(cfg).to(device)
+    ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
+    opt = adamw(raw_model, args.lr, args, device)
+    meta = dict(latent_mean=stats["mean"], latent_std=stats["std"], tokenizer=os.path.abspath(args.tokenizer),
+                tokenizer_config=asdict(tcfg), text_encoder=encoder_name, text_len=text_len,
+                num_classes=num_classes, data=args.data)
+    step = 0
+    ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
+    if args.resume:
+        ckpt = load_for_resume(ckpt_path, args, device, master)
+        raw_model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        del ckpt
+    if master:
+        print(f"DiT config: {json.dumps(asdict(cfg))}")
+        print(f"{args.dit_model} ({'DiT-T2I' if dit_cond == 'text' else 'class-conditional'}): "
+              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params | {len(train_set)} latents of "
+              f"{cfg.num_tokens} x {cfg.token_dim} | {world} rank(s) on {device} | global batch {args.batch_size}")
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    diffusion = Diffusion()
+    sampler = ShardedSampler(len(train_set), B, rank, world, args.seed)
+    spe = sampler.steps_per_epoch
+    all_labels = torch.tensor(labels) if labels is not None else None
+
+    def sample_grid(path):
+        """Rows of held-out conditions: the held-out image, then 4 samples from the EMA DiT
+        (T2I: that image's caption; class: its class, decoded with other held-out captions of it)."""
+        rows, g = [], torch.Generator().manual_seed(args.seed)
+        for i in range(min(6, len(val_set))):
+            ref = val_set[i][0][None].to(device)
+            k = 4
+            y = text = mask = dec = dec_mask = None
+            if dit_cond == "class":
+                y = torch.full((k,), val_set.labels[i], device=device)
+                same = [j for j in range(len(val_set)) if val_set.labels[j] == val_set.labels[i]]
+                dec_rows = [same[(n * 7) % len(same)] for n in range(k)]  # other unseen captions of the class
+            else:
+                dec_rows = [i] * k
+                text, mask = fetch_text(val_text, dec_rows, device)
+            if tok_text:
+                dec, dec_mask = fetch_text(val_text, dec_rows, device)
+            x = generate(ema, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.sample_steps, "ddim",
+                         0.0, g, device, autocast)
+            rows.append(torch.cat([ref.float(), x]))
+        save_image_grid(path, rows, ["held-out", "samples ->"])
+
+    def checkpoint(path):
+        save_checkpoint({
+            "step": step, "data_position": {"epoch": step // spe, "step_in_epoch": step % spe},
+            "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
+            "args": vars(args), "config": asdict(cfg), "dit_meta": meta}, path)
+
+    # ---- the loop ----
+    log_path = os.path.join(args.out, "log.jsonl")
+    model.train()
+    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+    sums, count, t0, seen = None, 0, time.time(), 0
+    bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train dit", unit="step", dynamic_ncols=True)
+    order = None
+    while step < args.steps:
+        epoch, pos = divmod(step, spe)
+        if pos == 0 or order is None:
+            sampler.set_position(epoch, 0)
+            order = list(sampler)  # this rank's indices for the epoch
+        idx = order[pos * B:(pos + 1) * B]
+        x0 = (torch.from_numpy(np.ascontiguousarray(latents[np.asarray(idx)])).to(device) - mean) / std  # (B, N, d)
+        # t, eps and the condition dropout are drawn for the global batch from (seed, step), as in
+        # the tokenizer stage: one rank or eight, fresh or resumed, a step sees the same numbers.
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        sl = slice(rank * B, (rank + 1) * B)
+        t = torch.randint(0, diffusion.T, (args.batch_size,), generator=g)[sl].to(device)
+        noise = torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g)[sl].to(device)
+        drop = (torch.rand(args.batch_size, generator=g)[sl] < cfg.dropout_prob).to(device)
+        cond = {}
+        if dit_cond == "class":
+            cond["y"] = all_labels[idx].to(device)
+        else:
+            cond["text"], cond["text_mask"] = fetch_text(train_text, idx, device, trim=not use_compile)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.lr, args)
+        with autocast:
+            loss = diffusion.loss(model, x0, t=t, noise=noise, drop=drop, **cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA with warm-up, as in stage 1
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+        step += 1
+        seen += args.batch_size
+        terms = torch.stack([loss.detach(), grad_norm.detach()])
+        sums = terms if sums is None else sums + terms
+        count += 1
+        if step % args.log_every == 0 or step == args.steps:
+            avg = mean_across_ranks(sums / count).tolist()
+            rec = {"step": step, "loss": round(avg[0], 6), "grad_norm": round(avg[1], 4),
+                   "lr": lr_at(step - 1, args.lr, args), "img_per_s": round(seen / (time.time() - t0), 1)}
+            if master:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=rec["img_per_s"])
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            sums, count, t0, seen = None, 0, time.time(), 0
+        if master:
+            bar.update(1)
+        if master and (step % args.eval_every == 0 or step == args.steps):
+            grid_path = os.path.join(args.out, f"samples-{step:07d}.png")
+            sample_grid(grid_path)
+            bar.write(f"step {step}: sample grid {grid_path}")
+        if master and (step % args.save_every == 0 or step == args.steps):
+            checkpoint(ckpt_path)
+        if master and args.keep_every and step % args.keep_every == 0:
+            checkpoint(os.path.join(args.out, f"ckpt-{step:07d}.pt"))
+    bar.close()
+    if master:
+        ema.save_pretrained(os.path.join(args.out, "dit"), meta)
+        print(f"done. checkpoint: {ckpt_path}\n      DiT (EMA weights, safetensors): {os.path.join(args.out, 'dit')}"
+              f"\n      samples: {os.path.join(args.out, f'samples-{step:07d}.png')}\n      log: {log_path}"
+              f"\n      next: python sample.py --dit {ckpt_path}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
+    B = args.batch_size // world  # this rank's share of the global batch
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    # bf16 autocast on CUDA (no GradScaler needed for bf16); plain fp32 on the CPU.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    os.makedirs(args.out, exist_ok=True)
+    run = dict(rank=rank, world=world, device=device, master=master, B=B, use_compile=use_compile, autocast=autocast)
+    try:
+        (train_tokenizer if args.stage == "tokenizer" else train_dit)(args, **run)
+        if dist.is_initialized():
+            dist.barrier()  # every rank leaves once rank 0 has written its files
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,289 @@
+"""
+Generates images with a trained DiT + TexTok (paper §3.2 "Generation stage"): the DiT samples the
+N x d image tokens, the detokenizer turns them into pixels together with a caption.
+
+    python sample.py                                    # a grid from out/dit (prompts or classes)
+    python sample.py --prompt "a large red circle in the center, on a blue background"
+    python sample.py --class-id 0 3 --class-captions unseen.jsonl
+    torchrun --nproc_per_node=8 sample.py --num-samples 50000 --cfg-scale 1.5   # .npz for eval_fid.py
+
+Text-to-image (DiT-T2I): the prompt conditions the DiT and the same prompt decodes the tokens.
+Class-conditional: the DiT sees only the class; the detokenizer then gets an *unseen* caption
+drawn from that class's caption list (captions never used in training), as the paper does for
+ImageNet. The list is a JSON-lines file {"label": 3, "caption": "..."} (caption.py writes one),
+or, for the built-in shapes, captions of freshly generated scenes that no run trains on.
+"""
+import argparse
+import json
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data import ShapesDataset
+from dit import DiT, Diffusion, guided
+from textok import TexTok, TextEncoder
+
+#################################################################################
+#                                  Loading                                      #
+#################################################################################
+
+
+def load_dit(path, device="cpu"):
+    """A DiT from a training checkpoint (its EMA weights) or an exported folder, plus what it
+    was trained against: the latent normalisation and the tokenizer folder."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; train one with `python train.py --stage dit` or fix --dit")
+    if os.path.isdir(path):
+        return DiT.from_pretrained(path, device)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "dit_meta" not in ckpt:
+        raise ValueError(f"{path} is not a DiT checkpoint (no 'dit_meta'); pass out/dit/ckpt-latest.pt")
+    model = DiT(DiT.config_from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval(), ckpt["dit_meta"]
+
+
+def load_tokenizer(path, meta, device="cpu"):
+    """The tokenizer the DiT was trained on; a different one is a clear error (its latents would
+    mean nothing to the DiT)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer folder {path} not found; pass --tokenizer (train.py writes out/textok/tokenizer)")
+    tok = TexTok.from_pretrained(path, device).eval()
+    want = meta["tokenizer_config"]
+    for key in ("num_tokens", "token_dim", "text_encoder", "image_size"):
+        if getattr(tok.cfg, key) != want[key]:
+            raise ValueError(f"tokenizer {path} has {key}={getattr(tok.cfg, key)!r} but the DiT was trained on "
+                             f"{key}={want[key]!r}; pass the --tokenizer it was trained with ({meta['tokenizer']})")
+    return tok
+
+
+def load_class_captions(path):
+    """{label: [captions]} from a JSON-lines file of {"label": int, "caption": str}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class caption file {path} not found; fix --class-captions")
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                    out.setdefault(int(r["label"]), []).append(str(r["caption"]))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    raise ValueError(f"{path}:{n}: not a JSON object with an int 'label' and a 'caption'") from None
+    return out
+
+
+UNSEEN_SEED = 12345  # built-in scenes of this seed are never trained on (runs use --seed and --seed + 1)
+
+
+def builtin_class_captions(per_class=64, seed=UNSEEN_SEED):
+    """Unseen captions per class for the built-in shapes: scenes from a seed no run trains on
+    (training uses --seed, the held-out set --seed + 1)."""
+    data = ShapesDataset(per_class * 12, 8, seed=seed)
+    out = {}
+    for caption, label in zip(data.captions, data.labels):
+        out.setdefault(label, []).append(caption)
+    return out
+
+
+#################################################################################
+#                                  Generation                                   #
+#################################################################################
+
+@torch.no_grad()
+def generate(dit, tok, meta, labels=None, text=None, text_mask=None, dec_text=None, dec_mask=None,
+             cfg_scale=4.0, steps=50, sampler="ddim", eta=0.0, generator=None, device="cpu", autocast=None):
+    """
+    Images (B, 3, H, W) in [-1, 1]: the DiT samples normalised tokens conditioned on `labels` (B,)
+    or on caption embeddings `text` (B, Lt, Dt) + `text_mask`; they are un-normalised with the
+    latent statistics the DiT was trained with and decoded with `dec_text`/`dec_mask`.
+    """
+    autocast = autocast or nullcontext()
+    B = labels.shape[0] if labels is not None else text.shape[0]
+    cond = dict(y=labels) if dit.cfg.cond == "class" else dict(text=text, text_mask=text_mask)
+
+    def model(x, t, **kw):
+        with autocast:
+            return dit(x, t, **kw).float()
+
+    z = Diffusion().sample(guided(model, cfg_scale, **cond), (B, dit.cfg.num_tokens, dit.cfg.token_dim),
+                           steps=steps, sampler=sampler, eta=eta, generator=generator, device=device)
+    mean = torch.as_tensor(meta["latent_mean"], device=device).float()
+    std = torch.as_tensor(meta["latent_std"], device=device).float()
+    z = z * std + mean  # (B, N, d): back to the tokenizer's scale
+    with autocast:
+        return tok.decode(z, dec_text, dec_mask).float().clamp(-1, 1)
+
+
+def to_uint8(x):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_image_grid(path, rows, titles=None):
+    """rows: list of (C, 3, H, W) tensors, one row each; small images are enlarged (nearest)."""
+    tiles = np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)  # (R*H, C*W, 3)
+    scale = max(1, 96 // rows[0].shape[-1])
+    img = Image.fromarray(tiles).resize((tiles.shape[1] * scale, tiles.shape[0] * scale), Image.NEAREST)
+    top = 14 if titles else 0
+    canvas = Image.new("RGB", (img.width, img.height + top), "white")
+    canvas.paste(img, (0, top))
+    if titles:
+        draw, w = ImageDraw.Draw(canvas), img.width // len(titles)
+        for i, name in enumerate(titles):
+            draw.text((i * w + 2, 1), name, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dit", default="out/dit/ckpt-latest.pt", help="DiT checkpoint (.pt) or exported folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the DiT was trained on)")
+    p.add_argument("--prompt", nargs="+", default=None, help="text-to-image: one or more prompts")
+    p.add_argument("--prompts-file", default=None, help="text-to-image: a text file, one prompt per line")
+    p.add_argument("--class-id", type=int, nargs="+", default=None, help="class-conditional: the classes to draw")
+    p.add_argument("--class-captions", default=None,
+                   help="JSON lines {label, caption} of unseen captions per class (default for built-in data)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance (1: none)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (paper's speed curves: 50-250)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic, 1: DDPM-like)")
+    p.add_argument("--per-row", type=int, default=8, help="grid: samples per prompt / class")
+    p.add_argument("--num-samples", type=int, default=0, help="write this many images to an .npz instead of a grid")
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="grid PNG or .npz path (default: next to the DiT)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        rank, world = 0, 1
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    master = rank == 0
+
+    dit, meta = load_dit(args.dit, device)
+    tok = load_tokenizer(args.tokenizer or meta["tokenizer"], meta, device)
+    tcfg = tok.cfg
+    t2i = dit.cfg.cond == "text"
+    tok_text = tcfg.cond == "text" and tcfg.text_in != "none"
+    encoder = None
+    if t2i or tok_text:
+        encoder = TextEncoder(meta["text_encoder"], meta["text_len"], device)
+
+    # ---- what to condition on: one (DiT condition, decoding caption) list per output row ----
+    rng = np.random.default_rng(args.seed)
+    if t2i:
+        if args.class_id is not None:
+            raise ValueError(f"{args.dit} is a text-to-image DiT; pass --prompt or --prompts-file, not --class-id")
+        prompts = list(args.prompt or [])
+        if args.prompts_file:
+            with open(args.prompts_file) as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        if not prompts:  # default: unseen captions of the built-in shapes
+            if meta["data"] != "builtin":
+                raise ValueError("this DiT was trained on your own data: pass --prompt or --prompts-file")
+            prompts = ShapesDataset(8, 8, seed=UNSEEN_SEED).captions
+        labels = [None] * len(prompts)
+        dec_captions = prompts
+    else:
+        if args.prompt or args.prompts_file:
+            raise ValueError(f"{args.dit} is a class-conditional DiT; pass --class-id, not --prompt")
+        classes = args.class_id if args.class_id is not None else list(range(min(8, meta["num_classes"])))
+        bad = [c for c in classes if not 0 <= c < meta["num_classes"]]
+        if bad:
+            raise ValueError(f"--class-id {bad[0]} is outside this DiT's classes 0..{meta['num_classes'] - 1}")
+        if tok_text and args.class_captions is None and meta["data"] != "builtin":
+            raise ValueError("a class-conditional DiT on a text-conditioned tokenizer needs unseen captions per "
+                             "class for decoding: pass --class-captions FILE.jsonl ({label, caption} lines)")
+        pool = (load_class_captions(args.class_captions) if args.class_captions
+                else builtin_class_captions() if tok_text else {})
+        missing = [c for c in classes if tok_text and not pool.get(c)]
+        if missing:
+            raise ValueError(f"no captions for class {missing[0]} in {args.class_captions or 'the built-in list'}")
+        labels, prompts, dec_captions = classes, [None] * len(classes), [None] * len(classes)
+
+    def conditions(n_per, offset=0):
+        """Row-major (label, DiT prompt, decoding caption) for n_per samples of each row."""
+        out = []
+        for row in range(len(labels)):
+            for _ in range(n_per):
+                cap = dec_captions[row]
+                if not t2i and tok_text:  # an unseen caption of this class for each sample
+                    cap = pool[labels[row]][rng.integers(len(pool[labels[row]]))]
+                out.append((labels[row], prompts[row], cap))
+        return out
+
+    def run(items, seed):
+        """Generates images for a list of conditions, in batches; returns uint8 (n, H, W, 3)."""
+        images = []
+        for i in tqdm(range(0, len(items), args.batch_size), desc="sampling", disable=not master, unit="batch"):
+            chunk = items[i:i + args.batch_size]
+            y = torch.tensor([c[0] for c in chunk], device=device) if not t2i else None
+            text = mask = dec = dec_mask = None
+            if t2i:
+                text, mask = (v.to(device) for v in encoder([c[1] for c in chunk]))
+            if tok_text:
+                dec, dec_mask = (v.to(device) for v in encoder([c[2] for c in chunk]))
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            x = generate(dit, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.steps, args.sampler,
+                         args.eta, g, device, autocast)
+            images.append(to_uint8(x))
+        return np.concatenate(images) if images else np.zeros((0, tcfg.image_size, tcfg.image_size, 3), np.uint8)
+
+    out_dir = os.path.dirname(os.path.abspath(args.dit.rstrip("/")))  # next to the checkpoint or folder
+    if args.num_samples > 0:
+        # ---- an ADM-style .npz of K images (arr_0, uint8 NHWC), sharded over ranks ----
+        per_row = -(-args.num_samples // len(labels))
+        items = conditions(per_row)[:args.num_samples]  # cycles through the rows evenly
+        items = items[rank::world]  # this rank's share; gathered below in the same order
+        mine = run(items, args.seed * 1000 + rank)
+        if dist.is_initialized():
+            parts = [None] * world
+            dist.all_gather_object(parts, mine)
+        else:
+            parts = [mine]
+        if master:
+            arr = np.empty((args.num_samples, *parts[0].shape[1:]), np.uint8)
+            for r, part in enumerate(parts):
+                arr[r::world] = part
+            path = args.out or os.path.join(out_dir, f"samples-{args.num_samples}.npz")
+            tmp = path + ".tmp.npz"
+            np.savez(tmp, arr_0=arr)
+            os.replace(tmp, path)
+            print(f"wrote {arr.shape[0]} images {arr.shape[1:]} uint8 to {path}")
+    elif master:
+        # ---- a PNG grid: one row per prompt / class ----
+        items = conditions(args.per_row)
+        imgs = torch.from_numpy(run(items, args.seed)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rows = list(imgs.view(len(labels), args.per_row, *imgs.shape[1:]))
+        path = args.out or os.path.join(out_dir, "samples.png")
+        save_image_grid(path, rows)
+        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+            for row in range(len(labels)):
+                f.write((f"class {labels[row]}" if not t2i else prompts[row]) + "\n")
+        print(f"wrote a {len(rows)} x {args.per_row} grid to {path} (rows listed in {os.path.splitext(path)[0]}.txt)")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The generation half end to end on a CPU: tiny tokenizer -> latent cache -> tiny DiT (class-
+conditional and text-to-image) -> sample.py grids and .npz files; plus what the DiT stage shares
+with the tokenizer stage: exact resume and DDP."""
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from data import ShapesDataset
+from textok import TexTok, TextEncoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = ["--num-images", "64", "--val-images", "8", "--num-workers", "0"]
+DIT = ["--stage", "dit", "--dit-model", "DiT-T", "--batch-size", "16", "--warmup-steps", "2", "--log-every", "1",
+       "--sample-steps", "4", "--save-every", "1000", *DATA]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny trained tokenizer (16 px, 8 tokens) and a shared cache folder."""
+    root = tmp_path_factory.mktemp("pipeline")
+    train.main(["--image-size", "16", "--patch-size", "4", "--num-tokens", "8", "--text-len", "32", "--batch-size", "8",
+                "--steps", "2", "--lpips-weight", "0", "--gan-weight", "0", "--eval-every", "1000",
+                "--out", str(root / "tok"), "--cache-dir", str(root / "cache"), *DATA])
+    return root
+
+
+def dit_args(workdir, out, *extra):
+    return [*DIT, "--tokenizer", str(workdir / "tok" / "tokenizer"), "--cache-dir", str(workdir / "cache"),
+            "--out", str(out), *extra]
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, "ckpt-latest.pt"), map_location="cpu", weights_only=True)
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.mark.parametrize("cond", ["text", "class"])
+def test_tokenizer_to_dit_to_samples(workdir, tmp_path, cond):
+    out = tmp_path / "dit"
+    train.main(dit_args(workdir, out, "--dit-cond", cond, "--steps", "3", "--eval-every", "3"))
+    c = ckpt(out)
+    assert c["config"]["cond"] == cond and c["config"]["num_tokens"] == 8 and c["config"]["token_dim"] == 8
+    assert os.path.isfile(out / "samples-0000003.png") and os.path.isfile(out / "dit" / "model.safetensors")
+
+    # The stored normalisation is the mean/std of the training set's latents, each image encoded
+    # by the EMA tokenizer with its own caption.
+    tok = TexTok.from_pretrained(str(workdir / "tok" / "tokenizer")).eval()
+    data = ShapesDataset(64, 16, seed=0)
+    text, mask = TextEncoder("minilm", 32)(data.captions)
+    with torch.no_grad():
+        z = tok.encode(torch.stack([data[i][0] for i in range(64)]), text, mask)
+    meta = c["dit_meta"]
+    np.testing.assert_allclose(meta["latent_mean"], z.mean((0, 1)).numpy(), atol=1e-4)
+    np.testing.assert_allclose(meta["latent_std"], z.std((0, 1), unbiased=False).numpy(), rtol=1e-3)
+
+    # sample.py: a grid, and an ADM-style .npz of the right shape and dtype.
+    grid = tmp_path / "grid.png"
+    flag = ["--prompt", "a large red circle in the center, on a blue background"] if cond == "text" else ["--class-id", "0", "2"]
+    sample.main(["--dit", str(out / "ckpt-latest.pt"), "--steps", "4", "--per-row", "3", "--out", str(grid), *flag])
+    assert grid.is_file() and (tmp_path / "grid.txt").read_text().count("\n") == (1 if cond == "text" else 2)
+    npz = tmp_path / "s.npz"
+    sample.main(["--dit", str(out / "dit"), "--steps", "4", "--num-samples", "5", "--batch-size", "2",
+                 "--out", str(npz)])
+    arr = np.load(npz)["arr_0"]
+    assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
+
+
+def test_latent_cache_is_computed_once(workdir, tmp_path):
+    train.main(dit_args(workdir, tmp_path / "a", "--steps", "1", "--eval-every", "1000"))
+    files = {p: os.path.getmtime(p) for p in glob.glob(str(workdir / "cache" / "latents-*"))}
+    assert any(p.endswith(".npy") for p in files)
+    train.main(dit_args(workdir, tmp_path / "b", "--steps", "1", "--eval-every", "1000"))
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(workdir / "cache" / "latents-*"))} == files
+
+
+def test_dit_resume_matches_an_uninterrupted_run(workdir, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train.main(dit_args(workdir, full, "--steps", "6", "--eval-every", "1000"))
+    save = train.save_checkpoint
+
+    def save_then_die(state, path):
+        save(state, path)
+        if state["step"] == 3:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(dit_args(workdir, cut, "--steps", "6", "--save-every", "3", "--eval-every", "1000"))
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main(dit_args(workdir, cut, "--steps", "6", "--save-every", "3", "--eval-every", "1000", "--resume"))
+    assert losses(cut)[3:] == pytest.approx(losses(full)[3:], rel=1e-5)
+    a, b = ckpt(full), ckpt(cut)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part}.{k}")
+
+
+def test_dit_ddp_two_processes_take_the_same_step_as_one(workdir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = dit_args(workdir, tmp_path / "one", "--steps", "3", "--eval-every", "1000")
+    two = dit_args(workdir, tmp_path / "two", "--steps", "3", "--eval-every", "1000")
+    subprocess.run([sys.executable, "train.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                          "train.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = ckpt(tmp_path / "one"), ckpt(tmp_path / "two")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-5, rtol=1e-4, msg=k)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+
+
+def test_sample_errors_name_the_fix(workdir, tmp_path):
+    out = tmp_path / "dit"
+    train.main(dit_args(workdir, out, "--dit-cond", "class", "--steps", "1", "--eval-every", "1000"))
+    dit = str(out / "ckpt-latest.pt")
+    with pytest.raises(FileNotFoundError, match="--dit"):
+        sample.main(["--dit", str(tmp_path / "missing.pt")])
+    with pytest.raises(ValueError, match="--class-id"):
+        sample.main(["--dit", dit, "--prompt", "a red square"])
+    with pytest.raises(ValueError, match="outside this DiT's classes"):
+        sample.main(["--dit", dit, "--class-id", "99"])
+    # A tokenizer with a different token count cannot decode this DiT's samples.
+    other = tmp_path / "other"
+    cfg = TexTok.from_pretrained(str(workdir / "tok" / "tokenizer")).cfg
+    TexTok(dataclasses.replace(cfg, num_tokens=4)).save_pretrained(str(other))
+    with pytest.raises(ValueError, match="num_tokens=4"):
+        sample.main(["--dit", dit, "--tokenizer", str(other)])
+    with pytest.raises(ValueError, match="label"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"caption": "no label"}\n')
+        sample.main(["--dit", dit, "--class-captions", str(bad)])
