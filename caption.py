@@ -1,0 +1,268 @@
+"""
+Captions for image datasets that have none: the paper's first stage (§4.1, Appendix D). TexTok
+captions every training image offline with a vision-language model (up to 75 words) and, for
+class-conditional generation, keeps unseen captions per class for decoding.
+
+    # caption a folder (flat, or ImageNet-style class folders) into train.py's caption file
+    python caption.py /data/imagenet/train --out captions.jsonl --model HuggingFaceTB/SmolVLM-256M-Instruct
+    # many GPUs: each rank captions its share, rank 0 merges
+    torchrun --nproc_per_node=8 caption.py /data/imagenet/train --out captions.jsonl
+    # many machines: one shard each, then merge
+    python caption.py /data/imagenet/train --out captions.jsonl --shard 3/16
+    python caption.py /data/imagenet/train --out captions.jsonl --merge
+    # hold out captions per class for sample.py (never trained on)
+    python caption.py --holdout captions.jsonl --fraction 0.02
+
+Any model that `transformers` loads with AutoModelForImageTextToText works. Chat models
+(SmolVLM, Qwen2-VL, ...) get the instruction "describe in at most N words"; captioning models
+without a chat template (BLIP, GIT) caption directly. Captions are cut to --max-words either way.
+
+Output, one JSON object per image, appended as batches finish (so a rerun resumes):
+    {"file": "n01440764/n01440764_10026.JPEG", "caption": "...", "label": 0}
+`label` is the class folder's index in sorted order (what data.py assigns), absent for a flat folder.
+"""
+import argparse
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import IMAGE_EXTS, load_rgb
+
+PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
+          "and positions, and the background. Answer with the description only.")
+
+#################################################################################
+#                                   Files                                       #
+#################################################################################
+
+
+def list_images(root):
+    """Relative paths of every image under root, sorted, and their labels (class folder index)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root} does not exist; fix the DATA argument")
+    files = sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root)
+                   for n in names if n.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+    classes = sorted({os.path.dirname(f) for f in files})
+    labels = [classes.index(os.path.dirname(f)) for f in files] if classes != [""] else [None] * len(files)
+    return files, labels
+
+
+def read_done(path):
+    """Files already captioned in `path`. A last line cut off by a kill (no newline, or not
+    JSON) is dropped from the file; complete lines are never touched."""
+    done = set()
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
+    for line in data[:keep].splitlines():
+        if line.strip():
+            done.add(json.loads(line)["file"])
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return done
+
+
+def merge(out, parts):
+    """Writes the union of caption files `parts` (and `out` itself if it exists) into `out`,
+    sorted by file, each image once; atomic."""
+    rows = {}
+    for p in [out, *parts]:
+        if os.path.exists(p):
+            read_done(p)  # drops a partial last line
+            with open(p) as f:
+                for line in f:
+                    if line.strip():
+                        r = json.loads(line)
+                        rows.setdefault(r["file"], r)
+    with open(out + ".tmp", "w") as f:
+        for k in sorted(rows):
+            f.write(json.dumps(rows[k]) + "\n")
+    os.replace(out + ".tmp", out)
+    return len(rows)
+
+
+def truncate_words(text, n):
+    """At most n words, whitespace collapsed."""
+    return " ".join(text.split()[:n])
+
+
+#################################################################################
+#                                The captioner                                  #
+#################################################################################
+
+class Captioner:
+    """A Hugging Face vision-language model that turns a batch of PIL images into captions."""
+
+    def __init__(self, name, max_words=75, device="cpu"):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        self.device, self.max_words = torch.device(device), max_words
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        try:
+            self.processor = AutoProcessor.from_pretrained(name)
+            self.model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(self.device).eval()
+        except Exception as e:
+            raise RuntimeError(f"could not load the vision-language model {name!r} ({e.__class__.__name__}: "
+                               f"{str(e).splitlines()[0][:200]}); pass --model with a Hugging Face name or local "
+                               f"folder that AutoModelForImageTextToText loads, e.g. "
+                               f"HuggingFaceTB/SmolVLM-256M-Instruct or Salesforce/blip-image-captioning-large") from None
+        self.chat = getattr(self.processor, "chat_template", None) is not None
+        tok = getattr(self.processor, "tokenizer", None)
+        if self.chat and tok is not None:
+            tok.padding_side = "left"  # decoder-only generation continues from the right edge
+
+    @torch.no_grad()
+    def __call__(self, images):
+        if self.chat:
+            messages = [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": PROMPT.format(n=self.max_words)}]}]
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = self.processor(text=[prompt] * len(images), images=[[im] for im in images],
+                                    return_tensors="pt", padding=True)
+        else:  # a captioning model: the image alone
+            inputs = self.processor(images=images, return_tensors="pt")
+        inputs = {k: (v.to(self.device, self.model.dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in inputs.items()}
+        # About 1.3 tokens per English word; the margin is cut off by truncate_words anyway.
+        out = self.model.generate(**inputs, max_new_tokens=2 * self.max_words + 8, do_sample=False)
+        if self.chat:  # decoder-only: the output repeats the prompt, keep only what follows it
+            out = out[:, inputs["input_ids"].shape[1]:]
+        texts = self.processor.batch_decode(out, skip_special_tokens=True)
+        return [truncate_words(t, self.max_words) for t in texts]
+
+
+#################################################################################
+#                                   Commands                                    #
+#################################################################################
+
+def caption_folder(args, rank=0, world=1):
+    files, labels = list_images(args.data)
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        if not 0 <= i < n:
+            raise ValueError(f"--shard {args.shard}: expected i/n with 0 <= i < n")
+    else:
+        i, n = rank, world
+    path = args.out if n == 1 else f"{args.out}.shard-{i}-of-{n}"
+    mine = list(range(len(files)))[i::n]
+    done = read_done(path)
+    todo = [k for k in mine if files[k] not in done]
+    captioner = Captioner(args.model, args.max_words, "cuda" if torch.cuda.is_available() else "cpu")
+    bad = []
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"captioning (shard {i}/{n})", unit="img")
+    t0, count = time.time(), 0
+    with open(path, "a") as f:
+        for b in range(0, len(todo), args.batch_size):
+            batch, images = [], []
+            for k in todo[b:b + args.batch_size]:
+                try:
+                    images.append(load_rgb(os.path.join(args.data, files[k])))
+                    batch.append(k)
+                except Exception as e:
+                    bad.append(f"{os.path.join(args.data, files[k])} ({e.__class__.__name__})")
+            for k, text in zip(batch, captioner(images) if images else []):
+                row = {"file": files[k], "caption": text}
+                if labels[k] is not None:
+                    row["label"] = labels[k]
+                f.write(json.dumps(row) + "\n")
+            f.flush()  # a finished batch is on disk before the next starts
+            count += len(batch)
+            bar.update(len(todo[b:b + args.batch_size]))
+            bar.set_postfix(img_s=f"{count / (time.time() - t0):.1f}", skipped=len(bad))
+    bar.close()
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+    return path, len(bad)
+
+
+def holdout(path, fraction, seed=0):
+    """Splits a labelled caption file into <name>-train.jsonl (train.py) and <name>-unseen.jsonl
+    ({label, caption} per line, for sample.py --class-captions): `fraction` of each class's
+    captions, at least one, are held out and never trained on."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                r = json.loads(line)
+                if "label" not in r:
+                    raise ValueError(f"{path}:{n}: no 'label'; holding out captions per class needs class labels")
+                rows.append(r)
+    rng = np.random.default_rng(seed)
+    by_class = {}
+    for k, r in enumerate(rows):
+        by_class.setdefault(r["label"], []).append(k)
+    unseen = set()
+    for label, ks in by_class.items():
+        if len(ks) < 2:
+            raise ValueError(f"{path}: class {label} has {len(ks)} caption(s); holding one out would leave none to train on")
+        take = min(len(ks) - 1, max(1, round(fraction * len(ks))))
+        unseen.update(rng.choice(ks, size=take, replace=False).tolist())
+    stem = os.path.splitext(path)[0]
+    train_path, unseen_path = f"{stem}-train.jsonl", f"{stem}-unseen.jsonl"
+    with open(train_path, "w") as f:
+        for k, r in enumerate(rows):
+            if k not in unseen:
+                f.write(json.dumps(r) + "\n")
+    with open(unseen_path, "w") as f:
+        for k in sorted(unseen):
+            f.write(json.dumps({"label": rows[k]["label"], "caption": rows[k]["caption"]}) + "\n")
+    return train_path, unseen_path, len(unseen)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="?", help="image folder to caption")
+    p.add_argument("--out", default="captions.jsonl", help="caption file to write (appended to, so reruns resume)")
+    p.add_argument("--model", default="HuggingFaceTB/SmolVLM-256M-Instruct", help="hub name or local folder")
+    p.add_argument("--max-words", type=int, default=75, help="caption length limit (paper: 75)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard", default=None, help="i/n: caption every n-th image from the i-th (several machines)")
+    p.add_argument("--merge", action="store_true", help="merge <out>.shard-* files into <out>")
+    p.add_argument("--holdout", default=None, metavar="CAPTIONS", help="split a labelled caption file (see top)")
+    p.add_argument("--fraction", type=float, default=0.02, help="share of each class's captions to hold out")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.holdout:
+        train_path, unseen_path, n = holdout(args.holdout, args.fraction, args.seed)
+        print(f"held out {n} caption(s) into {unseen_path} (for sample.py --class-captions); train on {train_path}")
+        return
+    if args.data is None:
+        raise ValueError("pass the image folder to caption (or --holdout CAPTIONS)")
+    if args.merge:
+        n = merge(args.out, sorted(glob.glob(args.out + ".shard-*-of-*")))
+        print(f"merged into {args.out}: {n} captions")
+        return
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ and not args.shard
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    path, _ = caption_folder(args, rank, world)
+    if ddp:
+        dist.barrier()
+        if rank == 0:
+            n = merge(args.out, [f"{args.out}.shard-{r}-of-{world}" for r in range(world)])
+            print(f"merged {world} rank files into {args.out}: {n} captions")
+        dist.destroy_process_group()
+    else:
+        print(f"captions: {path}" + (f"  (merge the shards with: python caption.py {args.data} --out {args.out} --merge)"
+                                     if args.shard else ""))
+
+
+if __name__ == "__main__":
+    main()
