@@ -1,0 +1,353 @@
+"""
+How fast is it? Throughput and model-FLOPs utilisation (MFU) of the tokenizer's training step, the
+DiT's training step and sampling at several token counts, the generation time per image against
+the same DiT on a 2D latent grid (DiT-XL/2 on SD-VAE latents, paper Fig. 4), and what text
+conditioning costs.
+
+    python bench.py                                   # tiny sizes, runs on a CPU in about a minute
+    python bench.py --tokenizer TexTok-B --image-size 256 --patch-size 16 --dit DiT-XL --batch-size 64 \\
+        --sample-steps 250 --json bench-h100.json     # the paper's sizes on a GPU (bf16, compiled)
+
+MFU = (analytic FLOPs of what was run) / seconds / (the device's peak dense bf16 FLOP/s). The
+FLOP counts are written out below as formulas; tests/test_bench.py checks them against
+torch.utils.flop_counter on small configs. Only matmuls and convolutions are counted (softmax,
+norms and activations are a few percent), as in the PaLM / nanoGPT MFU convention.
+"""
+import argparse
+import json
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dit import DiT, Diffusion, guided, make_dit_config
+from textok import LPIPS, Blur, Discriminator, TexTok, d_loss, g_loss, make_config
+
+# Peak dense bf16 tensor-core FLOP/s (vendor datasheets, without sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+#################################################################################
+#                        Analytic FLOPs (2 per multiply-add)                    #
+#################################################################################
+
+
+def transformer_flops(S, D, depth, mlp_ratio=4.0, ctx=0):
+    """One forward of `depth` pre-LN blocks over S tokens of width D:
+        q, k, v projections 3 * 2 S D^2, output projection 2 S D^2, MLP 2 * 2 S D (mlp_ratio D),
+        attention scores Q K^T 2 S^2 D and the weighted sum A V 2 S^2 D;
+    with a cross-attention to `ctx` tokens: q and output 2 * 2 S D^2, k and v 2 * 2 ctx D^2,
+    scores and sum 2 * 2 S ctx D."""
+    per_block = 8 * S * D * D + 4 * mlp_ratio * S * D * D + 4 * S * S * D
+    if ctx:
+        per_block += 4 * S * D * D + 4 * ctx * D * D + 4 * S * ctx * D
+    return depth * per_block
+
+
+def textok_flops(cfg, text_len):
+    """One TexTok forward (tokenize + detokenize) of one image, text padded to text_len tokens
+    (in-context: text tokens join the sequence; padding is masked, not removed, so it costs)."""
+    D, hw, N, p, d = cfg.width, cfg.grid ** 2, cfg.num_tokens, cfg.patch_size, cfg.token_dim
+    flops = 2 * hw * 3 * p * p * D + 2 * N * D * 2 * d  # patch embedding, to (mean, logvar)
+    flops += 2 * N * d * D + 2 * hw * D * 3 * p * p  # latent projection, to pixels
+    for part, depth in (("tokenizer", cfg.enc_depth), ("detokenizer", cfg.dec_depth)):
+        text = text_len if cfg.cond == "text" and cfg.text_for(part) else (1 if cfg.cond == "class" else 0)
+        if cfg.cond == "text" and cfg.text_for(part):
+            flops += 2 * text_len * cfg.text_dim * D  # linear projection of the caption
+        if cfg.text_mode == "cross-attn" and text:
+            flops += transformer_flops(hw + N, D, depth, cfg.mlp_ratio, ctx=text)
+        else:
+            flops += transformer_flops(hw + N + text, D, depth, cfg.mlp_ratio)
+    return flops
+
+
+def dit_flops(cfg, text_len=None):
+    """One DiT forward on one sample: input/output projections, the timestep MLP, the adaLN
+    regressions (6 D per block, 2 D for the final layer, once per sample, not per token), the
+    blocks, and for DiT-T2I the caption MLP and the cross-attention."""
+    D, N, d = cfg.width, cfg.num_tokens, cfg.token_dim
+    flops = 2 * N * d * D + 2 * N * D * d + 2 * 256 * D + 2 * D * D  # x in, eps out, timestep MLP
+    flops += cfg.depth * 2 * D * 6 * D + 2 * D * 2 * D  # adaLN-Zero modulation
+    ctx = 0
+    if cfg.cond == "text":
+        ctx = text_len or cfg.text_len
+        flops += 2 * ctx * cfg.text_dim * D + 2 * ctx * D * D + 2 * D * D  # caption MLP, pooled
+    return flops + transformer_flops(N, D, cfg.depth, cfg.mlp_ratio, ctx=ctx)
+
+
+def conv_linear_flops(model, *inputs):
+    """Forward FLOPs of a convolutional network per sample, from its layers' shapes: a conv is
+    2 (C_in / groups) k_h k_w per output element, a linear 2 in_features per output element, and
+    the discriminator's depthwise 4x4 blur 2 x 16 per output element."""
+    total = [0]
+
+    def hook(m, inp, out):
+        if isinstance(m, nn.Conv2d):
+            total[0] += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, Blur):
+            total[0] += 2 * out.numel() * m.kernel.shape[-1] * m.kernel.shape[-2]
+        else:
+            total[0] += 2 * out.numel() * m.in_features
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, Blur))]
+    with torch.no_grad():
+        model(*inputs)
+    for h in handles:
+        h.remove()
+    return total[0] / inputs[0].shape[0]
+
+
+#################################################################################
+#                                    Timing                                     #
+#################################################################################
+
+
+def timed(fn, device, warmup=2, iters=5):
+    """Seconds per call, after warm-up (compilation, autotuning), with CUDA synchronised."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def peak_flops(device, override=None):
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None  # no meaningful tensor-core peak on a CPU: MFU is not reported
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+#################################################################################
+#                                  Benchmarks                                   #
+#################################################################################
+
+
+def bench_tokenizer(args, device, autocast, peak):
+    """The full tokenizer training step of train.py: TexTok forward/backward with L2 + LPIPS, the
+    generator's adversarial term, and the discriminator's step on real + fake."""
+    cfg = make_config(args.tokenizer, image_size=args.image_size, patch_size=args.patch_size,
+                      num_tokens=args.num_tokens, text_dim=args.text_dim, text_len=args.text_len)
+    B, R = args.batch_size, args.image_size
+    tok, disc = TexTok(cfg).to(device), Discriminator(R, 16384 if R >= 128 else 1024, 512 if R >= 128 else 128).to(device)
+    lpips = LPIPS().to(device)  # random weights time the same as the real ones
+    opt, opt_d = torch.optim.AdamW(tok.parameters()), torch.optim.AdamW(disc.parameters())
+    tok_c, disc_c = (torch.compile(tok), torch.compile(disc)) if args.compile else (tok, disc)
+    x = torch.rand(B, 3, R, R, device=device) * 2 - 1
+    text = torch.randn(B, args.text_len, args.text_dim, device=device)
+    mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
+
+    def step():
+        with autocast:
+            recon, post = tok_c(x, text, mask)
+            disc.requires_grad_(False)
+            loss = F.mse_loss(recon.float(), x) + 0.1 * lpips(recon, x).mean() + 0.1 * g_loss(disc_c(recon))
+            disc.requires_grad_(True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with autocast:
+            real, fake = disc_c(torch.cat([x, recon.detach()])).float().chunk(2)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss(real, fake).backward()
+        opt_d.step()
+    sec = timed(step, device, args.warmup, args.iters)
+    # Per image: TexTok fwd + bwd = 3x forward; LPIPS runs on [x, recon] (2 images) forward and
+    # backward to its input (frozen weights: one more forward's worth) = 4x one image; D: the
+    # generator term is forward + input-gradient (2x), D's own step forward + full backward on 2
+    # images (6x).
+    f_tok = textok_flops(cfg, args.text_len)
+    f_lpips = conv_linear_flops(_VGG(lpips), x[:1])
+    f_disc = conv_linear_flops(disc, x[:2])
+    flops = B * (3 * f_tok + 4 * f_lpips + 8 * f_disc)
+    return {"bench": "tokenizer train step", "model": args.tokenizer, "image_size": R, "tokens": cfg.num_tokens,
+            "batch": B, "img_per_s": B / sec, "tflops_per_s": flops / sec / 1e12,
+            "mfu": flops / sec / peak if peak else None,
+            "share_of_flops": {"textok": 3 * f_tok / (flops / B), "lpips": 4 * f_lpips / (flops / B),
+                               "discriminator": 8 * f_disc / (flops / B)}}
+
+
+class _VGG(nn.Module):
+    """LPIPS' VGG16 trunk alone, for counting its conv FLOPs."""
+
+    def __init__(self, lpips):
+        super().__init__()
+        self.lpips = lpips
+
+    def forward(self, x):
+        return self.lpips.features(x)
+
+
+def make_dit(args, tokens, token_dim, device):
+    cond = dict(cond="text", text_dim=args.text_dim, text_len=args.text_len) if args.t2i else dict(cond="class")
+    return DiT(make_dit_config(args.dit, num_tokens=tokens, token_dim=token_dim, **cond)).to(device)
+
+
+def dit_inputs(args, model, B, device):
+    if model.cfg.cond == "class":
+        return dict(y=torch.randint(0, 1000, (B,), device=device))
+    return dict(text=torch.randn(B, args.text_len, args.text_dim, device=device),
+                text_mask=torch.ones(B, args.text_len, dtype=torch.bool, device=device))
+
+
+def bench_dit(args, device, autocast, peak, tokens, token_dim=8, label=None):
+    """DiT training step and sampling (per DDIM step with classifier-free guidance, i.e. a
+    doubled batch) at one token count."""
+    B = args.batch_size
+    model = make_dit(args, tokens, token_dim, device)
+    fwd = torch.compile(model) if args.compile else model
+    opt, diff = torch.optim.AdamW(model.parameters()), Diffusion()
+    x0 = torch.randn(B, tokens, token_dim, device=device)
+    cond = dit_inputs(args, model, B, device)
+
+    def train_step():
+        with autocast:
+            loss = diff.loss(fwd, x0, **cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    eps_fn = guided(fwd, args.cfg_scale, **cond)
+
+    @torch.no_grad()
+    def sample_step():
+        with autocast:
+            eps_fn(x0, torch.full((B,), 500, device=device))
+    t_train = timed(train_step, device, args.warmup, args.iters)
+    t_sample = timed(sample_step, device, args.warmup, args.iters)
+    f = dit_flops(model.cfg)
+    return {"bench": label or "dit", "model": args.dit, "tokens": tokens, "token_dim": token_dim, "batch": B,
+            "train_img_per_s": B / t_train, "train_mfu": 3 * B * f / t_train / peak if peak else None,
+            "sample_steps_per_s": 1 / t_sample, "sample_img_steps_per_s": B / t_sample,
+            "sample_mfu": 2 * B * f / t_sample / peak if peak else None, "gflops_per_forward": f / 1e9}
+
+
+def bench_generation(args, device, autocast):
+    """Seconds per generated image: `sample_steps` guided DiT steps + detokenization, for TexTok
+    tokens and for the same DiT on a 2D latent grid (SD-VAE's 8x downsampling, 4 channels,
+    patch 2: 256 tokens of 16 values at 256 px, 1024 at 512 px). The grid baseline here leaves
+    out the SD-VAE decoder (a ~50M-parameter conv net we do not ship), so it flatters the
+    baseline: the real gap is larger."""
+    B, steps = args.batch_size, args.sample_steps
+    cfg = make_config(args.tokenizer, image_size=args.image_size, patch_size=args.patch_size,
+                      num_tokens=args.num_tokens, text_dim=args.text_dim, text_len=args.text_len)
+    tok = TexTok(cfg).to(device).eval()
+    text = torch.randn(B, args.text_len, args.text_dim, device=device)
+    mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
+    out = {}
+    grid_tokens = (args.image_size // 8 // 2) ** 2
+    for name, tokens, token_dim in (("textok", args.num_tokens, cfg.token_dim), ("2d-grid", grid_tokens, 16)):
+        model = make_dit(args, tokens, token_dim, device).eval()
+        fwd = torch.compile(model) if args.compile else model
+        eps_fn = guided(fwd, args.cfg_scale, **dit_inputs(args, model, B, device))
+        x = torch.randn(B, tokens, token_dim, device=device)
+        t = torch.full((B,), 500, device=device)
+
+        @torch.no_grad()
+        def one_step():
+            with autocast:
+                eps_fn(x, t)
+        sec = timed(one_step, device, args.warmup, args.iters) * steps  # every step costs the same
+        if name == "textok":
+            z = torch.randn(B, cfg.num_tokens, cfg.token_dim, device=device)
+
+            @torch.no_grad()
+            def detok():
+                with autocast:
+                    tok.decode(z, text, mask)
+            sec += timed(detok, device, args.warmup, args.iters)
+        out[name] = sec / B
+    return {"bench": "generation", "image_size": args.image_size, "sample_steps": steps, "cfg_scale": args.cfg_scale,
+            "textok_tokens": args.num_tokens, "grid_tokens": grid_tokens, "s_per_img_textok": out["textok"],
+            "s_per_img_2d_grid": out["2d-grid"], "speedup": out["2d-grid"] / out["textok"]}
+
+
+def bench_text_cost(args, device, autocast):
+    """Tokenize + detokenize a batch with cached caption embeddings, and with the frozen text
+    encoder run on the captions first (the offline MiniLM unless --text-encoder says otherwise)."""
+    from data import ShapesDataset
+    from textok import TextEncoder
+    B = args.batch_size
+    encoder = TextEncoder(args.text_encoder, args.text_len, device)
+    captions = ShapesDataset(B, 8).captions
+    text, mask = (v.to(device) for v in encoder(captions))
+    cfg = make_config(args.tokenizer, image_size=args.image_size, patch_size=args.patch_size,
+                      num_tokens=args.num_tokens, text_dim=text.shape[-1], text_len=args.text_len)
+    tok = TexTok(cfg).to(device).eval()
+    x = torch.rand(B, 3, args.image_size, args.image_size, device=device) * 2 - 1
+
+    @torch.no_grad()
+    def cached():
+        with autocast:
+            tok(x, text, mask, sample=False)
+
+    @torch.no_grad()
+    def uncached():
+        t, m = (v.to(device) for v in encoder(captions))
+        with autocast:
+            tok(x, t, m, sample=False)
+    a, b = timed(cached, device, args.warmup, args.iters), timed(uncached, device, args.warmup, args.iters)
+    return {"bench": "text conditioning cost", "text_encoder": args.text_encoder, "batch": B,
+            "s_per_img_cached": a / B, "s_per_img_uncached": b / B, "text_encoder_s_per_img": (b - a) / B}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="TexTok-T")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--num-tokens", type=int, default=32)
+    p.add_argument("--text-dim", type=int, default=384, help="caption embedding width (T5-XL: 2048; MiniLM: 384)")
+    p.add_argument("--text-len", type=int, default=64)
+    p.add_argument("--text-encoder", default="minilm", help="for the text-cost benchmark")
+    p.add_argument("--dit", default="DiT-T")
+    p.add_argument("--t2i", action="store_true", help="benchmark DiT-T2I (cross-attention) instead of class DiT")
+    p.add_argument("--dit-tokens", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak (for MFU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--only", nargs="+", default=None, choices=["tokenizer", "dit", "generation", "text"])
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    peak = peak_flops(device, args.peak_tflops)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name} | peak bf16 {peak / 1e12:.0f} TFLOP/s" if peak else f"device: {name} | MFU not reported (no peak)")
+    only = set(args.only or ["tokenizer", "dit", "generation", "text"])
+    results = []
+    if "tokenizer" in only:
+        results.append(bench_tokenizer(args, device, autocast, peak))
+    if "dit" in only:
+        results += [bench_dit(args, device, autocast, peak, n) for n in args.dit_tokens]
+    if "generation" in only:
+        results.append(bench_generation(args, device, autocast))
+    if "text" in only:
+        results.append(bench_text_cost(args, device, autocast))
+    for r in results:
+        print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "args": vars(args), "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

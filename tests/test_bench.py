@@ -1,0 +1,53 @@
+"""bench.py's analytic FLOP counts (the numerator of MFU) against torch's FLOP counter, within 2%,
+on small configs of every model the benchmark times; and one tiny CPU run of the benchmark."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from dit import DiT, DiTConfig
+from textok import LPIPS, Discriminator, TexTok, make_config
+
+
+def counted(fn, *args, **kwargs):
+    # The math attention backend, so attention's matmuls are counted (the counter has no
+    # formula for the fused CPU kernel). Halved: the counter counts 2 FLOPs per multiply-add
+    # as we do, but over the batch of 2 used here.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn(*args, **kwargs)
+    return fc.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("cond", ["class", "text"])
+def test_dit_flops(cond):
+    cfg = DiTConfig(num_tokens=16, width=64, depth=2, heads=4, cond=cond, text_dim=24, text_len=7)
+    model = DiT(cfg)
+    kw = dict(y=torch.tensor([0, 1])) if cond == "class" else dict(text=torch.randn(2, 7, 24))
+    assert bench.dit_flops(cfg) == pytest.approx(counted(model, torch.randn(2, 16, 8), torch.tensor([1, 2]), **kw), rel=0.02)
+
+
+@pytest.mark.parametrize("mode,text_in", [("in-context", "both"), ("in-context", "none"), ("in-context", "tokenizer"),
+                                          ("cross-attn", "both"), ("cross-attn", "detokenizer")])
+def test_textok_flops(mode, text_in):
+    cfg = make_config("TexTok-T", image_size=16, patch_size=4, num_tokens=8, text_dim=24, text_len=7,
+                      text_mode=mode, text_in=text_in)
+    model = TexTok(cfg)
+    got = counted(model, torch.randn(2, 3, 16, 16), torch.randn(2, 7, 24), sample=False)
+    assert bench.textok_flops(cfg, 7) == pytest.approx(got, rel=0.02)
+
+
+def test_conv_flops_of_discriminator_and_lpips():
+    x = torch.randn(2, 3, 32, 32)
+    for model in (Discriminator(32, 1024, 128), bench._VGG(LPIPS())):
+        assert bench.conv_linear_flops(model, x) == pytest.approx(counted(model, x), rel=0.02)
+
+
+def test_tiny_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    res = bench.main(["--image-size", "16", "--num-tokens", "8", "--dit-tokens", "8", "16", "--batch-size", "2",
+                      "--sample-steps", "2", "--warmup", "1", "--iters", "1", "--text-len", "16", "--json", str(out)])
+    names = [r["bench"] for r in res]
+    assert names == ["tokenizer train step", "dit", "dit", "generation", "text conditioning cost"]
+    assert all(r.get("img_per_s", 1) > 0 for r in res) and res[3]["grid_tokens"] == 1  # 16 px: a 1x1 grid
+    assert out.is_file()
