@@ -251,6 +251,52 @@ def load_for_resume(ckpt_path, args, device, master):
     return ckpt
 
 
+def ema_update(ema_params, params, step, decay):
+    """EMA of the weights, with the warm-up of TensorFlow's ExponentialMovingAverage(num_updates):
+    early on the average forgets faster, so a short run's EMA is not dominated by the init."""
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
+
+
+def run_state(step, steps_per_epoch, args, device):
+    """What every checkpoint holds besides networks and optimizers. All per-step randomness is
+    seeded by the step (see the loops); the global RNG states are saved too, for anything a fork
+    adds that draws from them."""
+    return {"step": step, "data_position": {"epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch},
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
+            "args": vars(args)}
+
+
+class IntervalLog:
+    """Loss terms summed on the device (no host sync per step), then averaged over each
+    --log-every interval and across ranks; rank 0 writes them to log.jsonl and the progress bar."""
+
+    def __init__(self, path, names, args, master, bar, shown):
+        self.path, self.names, self.args, self.master, self.bar, self.shown = path, names, args, master, bar, shown
+        self.sums, self.count, self.seen, self.t0 = None, 0, 0, time.time()
+
+    def add(self, step, terms):
+        self.sums = terms if self.sums is None else self.sums + terms
+        self.count += 1
+        self.seen += self.args.batch_size
+        if step % self.args.log_every and step != self.args.steps:
+            return
+        avg = mean_across_ranks(self.sums / self.count).tolist()
+        rec = {"step": step, **{k: round(v, 6) for k, v in zip(self.names, avg)},
+               "lr": lr_at(step - 1, self.args.lr, self.args), "img_per_s": round(self.seen / (time.time() - self.t0), 1)}
+        if self.master:
+            self.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in self.shown}, img_s=rec["img_per_s"])
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.sums, self.count, self.seen, self.t0 = None, 0, 0, time.time()
+
+
+def save_args(args):
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+
 def to_uint8(x):
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -323,8 +369,7 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
         print(f"{args.model}: {n_params / 1e6:.2f}M params | discriminator {sum(p.numel() for p in raw_disc.parameters()) / 1e6:.2f}M "
               f"| {len(train_set)} train / {len(val_set)} held-out images | {world} rank(s) on {device} "
               f"| global batch {args.batch_size} | compile={use_compile}")
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        save_args(args)
 
     model, disc = raw_model, raw_disc
     if use_compile:
@@ -372,23 +417,19 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
         return {k: torch.cat(v).mean().item() for k, v in scores.items() if v}, grid
 
     def checkpoint(path):
-        save_checkpoint({
-            "step": step, "data_position": {"epoch": step // spe, "step_in_epoch": step % spe},
-            "model": raw_model.state_dict(), "ema": ema.state_dict(), "disc": raw_disc.state_dict(),
-            "lecam": lecam.state_dict(), "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
-            # All per-step randomness is seeded by the step (see the loop); the global RNG states
-            # are saved too, for anything a fork adds that draws from them.
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
-            "args": vars(args), "config": asdict(cfg)}, path)
+        save_checkpoint({**run_state(step, spe, args, device),
+                         "model": raw_model.state_dict(), "ema": ema.state_dict(), "disc": raw_disc.state_dict(),
+                         "lecam": lecam.state_dict(), "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
+                         "config": asdict(cfg)}, path)
 
     # ---- the loop ----
     log_path = os.path.join(args.out, "log.jsonl")
     data = batches(step)
     model.train(); disc.train()
     ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
-    sums, count, t0, seen = None, 0, time.time(), 0
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
+    log = IntervalLog(log_path, ["loss", "l2", "lpips", "kl", "g_adv", "d", "lecam", "grad_norm"], args, master, bar,
+                      shown=["l2", "lpips", "d"])
     while step < args.steps:
         x, idx, lab = next(data)
         x, lab = x.to(device, non_blocking=True), lab.to(device, non_blocking=True)
@@ -424,11 +465,7 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         opt.step()
-        with torch.no_grad():  # EMA of the tokenizer weights (what is evaluated and shared)
-            # Warm-up as in TensorFlow's ExponentialMovingAverage(num_updates): early on the
-            # average forgets faster, so a short run's EMA is not dominated by the random init.
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+        ema_update(ema_params, model_params, step, args.ema_decay)  # what is evaluated and shared
 
         # -- discriminator step: real and fake in one batch, so one DDP forward/backward --
         loss_d = loss_lecam = torch.zeros((), device=device)
@@ -446,24 +483,8 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
             lecam.update(*mean_across_ranks(torch.stack([real.mean(), fake.mean()]).detach()))
 
         step += 1
-        seen += args.batch_size
-        terms = torch.stack([loss.detach(), loss_l2.detach(), loss_lpips.detach(), loss_kl.detach(),
-                             loss_g.detach(), loss_d.detach(), loss_lecam.detach(), grad_norm.detach()])
-        sums = terms if sums is None else sums + terms  # stays on device: no host sync per step
-        count += 1
-
-        # -- logging (losses averaged over the interval and across ranks) --
-        if step % args.log_every == 0 or step == args.steps:
-            avg = mean_across_ranks(sums / count).tolist()
-            names = ["loss", "l2", "lpips", "kl", "g_adv", "d", "lecam", "grad_norm"]
-            rec = {"step": step, **{k: round(v, 6) for k, v in zip(names, avg)},
-                   "lr": lr_at(step - 1, args.lr, args), "img_per_s": round(seen / (time.time() - t0), 1)}
-            if master:
-                bar.set_postfix(l2=f"{rec['l2']:.4f}", lpips=f"{rec['lpips']:.3f}", d=f"{rec['d']:.3f}",
-                                img_s=rec["img_per_s"])
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            sums, count, t0, seen = None, 0, time.time(), 0
+        log.add(step, torch.stack([loss.detach(), loss_l2.detach(), loss_lpips.detach(), loss_kl.detach(),
+                                   loss_g.detach(), loss_d.detach(), loss_lecam.detach(), grad_norm.detach()]))
         if master:
             bar.update(1)
 
@@ -598,8 +619,7 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
         print(f"{args.dit_model} ({'DiT-T2I' if dit_cond == 'text' else 'class-conditional'}): "
               f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params | {len(train_set)} latents of "
               f"{cfg.num_tokens} x {cfg.token_dim} | {world} rank(s) on {device} | global batch {args.batch_size}")
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        save_args(args)
     model = torch.compile(raw_model) if use_compile else raw_model
     if dist.is_initialized():
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -631,19 +651,15 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
         save_image_grid(path, rows, ["held-out", "samples ->"])
 
     def checkpoint(path):
-        save_checkpoint({
-            "step": step, "data_position": {"epoch": step // spe, "step_in_epoch": step % spe},
-            "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
-            "args": vars(args), "config": asdict(cfg), "dit_meta": meta}, path)
+        save_checkpoint({**run_state(step, spe, args, device), "model": raw_model.state_dict(),
+                         "ema": ema.state_dict(), "opt": opt.state_dict(), "config": asdict(cfg), "dit_meta": meta}, path)
 
     # ---- the loop ----
     log_path = os.path.join(args.out, "log.jsonl")
     model.train()
     ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
-    sums, count, t0, seen = None, 0, time.time(), 0
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train dit", unit="step", dynamic_ncols=True)
+    log = IntervalLog(log_path, ["loss", "grad_norm"], args, master, bar, shown=["loss"])
     order = None
     while step < args.steps:
         epoch, pos = divmod(step, spe)
@@ -672,23 +688,9 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         opt.step()
-        with torch.no_grad():
-            decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA with warm-up, as in stage 1
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+        ema_update(ema_params, model_params, step, args.ema_decay)
         step += 1
-        seen += args.batch_size
-        terms = torch.stack([loss.detach(), grad_norm.detach()])
-        sums = terms if sums is None else sums + terms
-        count += 1
-        if step % args.log_every == 0 or step == args.steps:
-            avg = mean_across_ranks(sums / count).tolist()
-            rec = {"step": step, "loss": round(avg[0], 6), "grad_norm": round(avg[1], 4),
-                   "lr": lr_at(step - 1, args.lr, args), "img_per_s": round(seen / (time.time() - t0), 1)}
-            if master:
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=rec["img_per_s"])
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            sums, count, t0, seen = None, 0, time.time(), 0
+        log.add(step, torch.stack([loss.detach(), grad_norm.detach()]))
         if master:
             bar.update(1)
         if master and (step % args.eval_every == 0 or step == args.steps):

@@ -15,6 +15,7 @@ import torch
 import eval_fid
 import sample
 import train
+from conftest import kill_after_checkpoint
 from data import ShapesDataset
 from textok import TexTok, TextEncoder
 
@@ -90,13 +91,7 @@ def test_latent_cache_is_computed_once(workdir, tmp_path):
 def test_dit_resume_matches_an_uninterrupted_run(workdir, tmp_path, monkeypatch):
     full = tmp_path / "full"
     train.main(dit_args(workdir, full, "--steps", "6", "--eval-every", "1000"))
-    save = train.save_checkpoint
-
-    def save_then_die(state, path):
-        save(state, path)
-        if state["step"] == 3:
-            raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    save = kill_after_checkpoint(monkeypatch, train, 3)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         train.main(dit_args(workdir, cut, "--steps", "6", "--save-every", "3", "--eval-every", "1000"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from conftest import kill_after_checkpoint
 from textok import TexTok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,13 +58,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     train.main(tiny_args(full, cache, "--steps", "6", "--save-every", "3"))
 
     # The same run, killed right after its step-3 checkpoint ...
-    save = train.save_checkpoint
-
-    def save_then_die(state, path):
-        save(state, path)
-        if state["step"] == 3:
-            raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    save = kill_after_checkpoint(monkeypatch, train, 3)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny_args(cut, cache, "--steps", "6", "--save-every", "3"))
