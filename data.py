@@ -237,6 +237,27 @@ class CaptionedImages(torch.utils.data.Dataset):
         return to_tensor(img), i, (self.labels[i] if self.labels is not None else -1)
 
 
+class Split(torch.utils.data.Dataset):
+    """
+    Part of a dataset (a train or held-out split): item k is dataset[indices[k]], returned with
+    index k rather than the parent's index, so that caches built over this split's `.captions`
+    (caption embeddings, DiT latents) line up with what its items say. (torch's Subset passes the
+    parent's index through, which would read another image's caption.)
+    """
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+        self.captions = [dataset.captions[i] for i in self.indices]
+        self.labels = None if dataset.labels is None else [dataset.labels[i] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        image, _, label = self.dataset[self.indices[k]]
+        return image, k, label
+
+
 #################################################################################
 #                                    Sampler                                    #
 #################################################################################

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CaptionedImages, ShapesDataset, ShardedSampler
+from data import CaptionedImages, ShapesDataset, ShardedSampler, Split
 from eval_fid import psnr, ssim
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss, kl_loss,
@@ -195,10 +195,7 @@ def build_data(args, image_size, master):
         full = CaptionedImages(args.data, args.captions, image_size, args.skip_bad, progress=master)
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_val = min(args.val_images, len(full) // 10)
-        train_set, val_set = (torch.utils.data.Subset(full, sorted(ix)) for ix in (perm[n_val:], perm[:n_val]))
-        for subset in (train_set, val_set):
-            subset.captions = [full.captions[i] for i in subset.indices]
-            subset.labels = None if full.labels is None else [full.labels[i] for i in subset.indices]
+        train_set, val_set = Split(full, sorted(perm[n_val:])), Split(full, sorted(perm[:n_val]))
         hflip = args.hflip is not False  # ADM-style random flips for real data
     return train_set, val_set, hflip
 

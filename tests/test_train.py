@@ -106,3 +106,28 @@ def test_bad_inputs_on_the_command_line(tmp_path):
         train.main(["--data", str(tmp_path / "missing"), "--captions", "c.jsonl", "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train.main(tiny_args(tmp_path / "fresh", tmp_path / "cache", "--resume"))
+
+
+def test_folder_data_keeps_each_image_with_its_own_caption(tmp_path):
+    # 12 flat-coloured images, each captioned with its own colour value. After the train /
+    # held-out split, item k of a split must return index k (the row of the caption caches built
+    # from split.captions) and the image that caption describes.
+    from PIL import Image
+    root, lines = tmp_path / "imgs", []
+    os.makedirs(root)
+    for i in range(12):
+        Image.new("RGB", (20, 20), (20 * i, 0, 0)).save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file": f"{i:02d}.png", "caption": f"red level {20 * i}"}))
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    args = train.get_args(["--data", str(root), "--captions", str(tmp_path / "caps.jsonl"), "--val-images", "2"])
+    train_set, val_set, _ = train.build_data(args, 16, master=False)
+    assert len(train_set) == 11 and len(val_set) == 1  # at most a tenth is held out
+    for split in (train_set, val_set):
+        for k in range(len(split)):
+            image, index, _ = split[k]
+            red = round((image[0, 0, 0].item() + 1) * 127.5)
+            assert index == k and split.captions[k] == f"red level {red}"
+    # ... and a run on it trains (caption rows looked up by those indices).
+    train.main(tiny_args(tmp_path / "out", tmp_path / "cache", "--data", str(root), "--captions",
+                         str(tmp_path / "caps.jsonl"), "--steps", "2", "--batch-size", "4"))
+    assert load(tmp_path / "out")["step"] == 2
