@@ -412,13 +412,16 @@ def evaluate_generation(samples, ref, inception, batch_size=64, k=3, clip_model=
 
 @torch.no_grad()
 def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_size=32, empty_captions=False,
-                            lpips=None, device="cpu"):
+                            lpips=None, device="cpu", real_stats=None):
     """Reconstruct every image (EMA tokenizer, posterior mean, its own caption) and compare:
     rFID and rIS (Inception on originals vs reconstructions), PSNR, SSIM, LPIPS; with
-    empty_captions, the same with every caption replaced by the empty string."""
+    empty_captions, the same with every caption replaced by the empty string. `real_stats`
+    (a Stats of the originals, filled by an earlier call) skips recomputing the originals."""
     runs = {"captions": False} | ({"empty captions": True} if empty_captions else {})
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
-    real_stats, real_done, results = Stats(), False, {}
+    real_done = real_stats is not None and real_stats.n > 0
+    real_stats = real_stats if real_stats is not None else Stats()
+    results = {}
     for name, empty in runs.items():
         fake_stats, probs, scores = Stats(), [], {"psnr": [], "ssim": [], "lpips": []}
         for x, idx, lab in tqdm(loader, desc=f"reconstruct ({name})", unit="batch"):
@@ -491,7 +494,7 @@ def main(argv=None):
         if args.save_ref_stats:
             save_stats(args.save_ref_stats, mu_r, sg_r, f_r)
     else:
-        from data import CaptionedImages, ShapesDataset
+        from data import CaptionedImages, ShapesDataset, Split
         from textok import LPIPS, TexTok, TextEncoder
         device = inception.device
         tok = TexTok.from_pretrained(args.tokenizer, device).eval()
@@ -502,8 +505,7 @@ def main(argv=None):
             if not args.captions:
                 raise ValueError(f"--data {args.data} needs --captions FILE.jsonl")
             full = CaptionedImages(args.data, args.captions, cfg.image_size)
-            data = torch.utils.data.Subset(full, range(min(args.num_images, len(full))))
-            data.captions = full.captions
+            data = Split(full, range(min(args.num_images, len(full))))
         encoder = None
         if cfg.cond == "text" and cfg.text_in != "none":
             encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device)
