@@ -289,6 +289,14 @@ class IntervalLog:
         self.sums, self.count, self.seen, self.t0 = None, 0, 0, time.time()
 
 
+def save_due(step, args, checkpoint, latest):
+    """Overwrites ckpt-latest every --save-every steps and at the end; keeps a copy every --keep-every."""
+    if step % args.save_every == 0 or step == args.steps:
+        checkpoint(latest)
+    if args.keep_every and step % args.keep_every == 0:
+        checkpoint(os.path.join(args.out, f"ckpt-{step:07d}.pt"))
+
+
 def save_args(args):
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
@@ -495,10 +503,8 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
                       + f" | grid {grid_path}")
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "eval": scores, "grid": grid_path}) + "\n")
-        if master and (step % args.save_every == 0 or step == args.steps):
-            checkpoint(ckpt_path)
-        if master and args.keep_every and step % args.keep_every == 0:
-            checkpoint(os.path.join(args.out, f"ckpt-{step:07d}.pt"))
+        if master:
+            save_due(step, args, checkpoint, ckpt_path)
     bar.close()
 
     if master:
@@ -694,10 +700,8 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
             grid_path = os.path.join(args.out, f"samples-{step:07d}.png")
             sample_grid(grid_path)
             bar.write(f"step {step}: sample grid {grid_path}")
-        if master and (step % args.save_every == 0 or step == args.steps):
-            checkpoint(ckpt_path)
-        if master and args.keep_every and step % args.keep_every == 0:
-            checkpoint(os.path.join(args.out, f"ckpt-{step:07d}.pt"))
+        if master:
+            save_due(step, args, checkpoint, ckpt_path)
     bar.close()
     if master:
         ema.save_pretrained(os.path.join(args.out, "dit"), meta)
