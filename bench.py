@@ -73,7 +73,7 @@ def dit_flops(cfg, text_len=None):
     ctx = 0
     if cfg.cond == "text":
         ctx = text_len or cfg.text_len
-        flops += 2 * ctx * cfg.text_dim * D + 2 * ctx * D * D + 2 * D * D  # caption MLP, pooled
+        flops += 2 * ctx * cfg.text_dim * D + 2 * ctx * D * D  # the caption MLP
     return flops + transformer_flops(N, D, cfg.depth, cfg.mlp_ratio, ctx=ctx)
 
 

@@ -223,8 +223,9 @@ class DiT(nn.Module):
         if cfg.cond == "class":
             self.y_embed = LabelEmbedder(cfg.num_classes, D, cfg.dropout_prob)
         else:
+            # The caption reaches the blocks through cross-attention only; c is the timestep
+            # alone, as in PixArt-alpha (TexTok §4.1 adds just the cross-attention layer).
             self.text_embed = CaptionEmbedder(cfg.text_dim, cfg.text_len, D)
-            self.pooled = nn.Linear(D, D)  # also add the mean caption feature to c, so adaLN sees the text
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio, cross_attn=cfg.cond == "text")
                                     for _ in range(cfg.depth))
         # DiT also learns the variance (2d outputs); we predict eps only (d outputs) and sample
@@ -245,8 +246,6 @@ class DiT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         if self.cfg.cond == "class":
             nn.init.normal_(self.y_embed.table.weight, std=0.02)
-        else:
-            nn.init.zeros_(self.pooled.weight)  # starts as if c were the timestep alone
         for block in self.blocks:
             nn.init.zeros_(block.adaLN[-1].weight)
             nn.init.zeros_(block.adaLN[-1].bias)
@@ -279,8 +278,6 @@ class DiT(nn.Module):
             if text_mask is None:
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
             ctx, ctx_mask = self.text_embed(text, text_mask, drop)  # (B, Lt, D), (B, Lt)
-            w = ctx_mask.to(ctx.dtype)[..., None]  # (B, Lt, 1)
-            c = c + self.pooled((ctx * w).sum(1) / w.sum(1).clamp_min(1.0))  # (B, D)
         for block in self.blocks:
             x = block(x, c, ctx, ctx_mask)  # (B, N, D)
         return self.final(x, c)  # (B, N, d)
