@@ -354,6 +354,7 @@ def table1(args):
         if not os.path.isfile(os.path.join(out, "tokenizer", "model.safetensors")):
             train.main(["--num-tokens", str(n), "--text-in", variant, "--steps", str(args.steps), "--image-size",
                         str(args.image_size), "--patch-size", str(args.patch_size), "--out", out,
+                        "--num-images", str(args.num_images), "--cache-dir", args.cache_dir, "--val-images", "64",
                         "--eval-every", str(args.steps), "--save-every", str(args.steps)])
         tok = TexTok.from_pretrained(os.path.join(out, "tokenizer")).eval()
         enc = TextEncoder(tok.cfg.text_encoder, tok.cfg.text_len) if variant != "none" else None
@@ -430,6 +431,8 @@ def get_args(argv=None):
     t.add_argument("--ablation-tokens", type=int, default=32, help="0: skip the conditioning-location ablation")
     t.add_argument("--steps", type=int, default=700, help="training steps per run (the same budget for all)")
     t.add_argument("--eval-images", type=int, default=500)
+    t.add_argument("--num-images", type=int, default=4096, help="built-in training images per run")
+    t.add_argument("--cache-dir", default="cache", help="caption-embedding cache shared by the runs")
     t.add_argument("--out", default="out/table1")
     return p.parse_args(argv)
 

@@ -58,7 +58,7 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path):
 def test_table1_command_trains_evaluates_and_reports(tmp_path):
     out = tmp_path / "t1"
     rows = bench.main(["--table1", "--tokens", "4", "8", "--ablation-tokens", "4", "--steps", "1", "--eval-images", "8",
-                       "--image-size", "16", "--out", str(out)])
+                       "--image-size", "16", "--num-images", "64", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert set(rows) == {(4, "both"), (4, "none"), (8, "both"), (8, "none"), (4, "tokenizer"), (4, "detokenizer")}
     table = (out / "table1.md").read_text()
     for n in (4, 8):  # the relative rFID improvement per token count, as the paper reports it
