@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import IMAGE_EXTS
+
 #################################################################################
 #                      Pixel metrics: PSNR, SSIM (also train.py's)              #
 #################################################################################
@@ -279,9 +281,6 @@ class Inception:
 #################################################################################
 #                              Inputs and outputs                               #
 #################################################################################
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 def load_source(path):
     """A folder, an images .npz (arr_0) or a stats .npz -> dict with any of: images (n, H, W, 3)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data import ShapesDataset
 from dit import DiT, Diffusion, guided
+from eval_fid import to_uint8
 from textok import TexTok, TextEncoder
 
 #################################################################################
@@ -120,11 +121,6 @@ def generate(dit, tok, meta, labels=None, text=None, text_mask=None, dec_text=No
         return tok.decode(z, dec_text, dec_mask).float().clamp(-1, 1)
 
 
-def to_uint8(x):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def save_image_grid(path, rows, titles=None):
     """rows: list of (C, 3, H, W) tensors, one row each; small images are enlarged (nearest)."""
     tiles = np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)  # (R*H, C*W, 3)
@@ -168,14 +164,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        rank, world = 0, 1
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from train import setup_distributed  # the same torchrun handling as training
+    rank, world, device = setup_distributed()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     master = rank == 0
 

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import CaptionedImages, ShapesDataset, ShardedSampler, Split
-from eval_fid import psnr, ssim
+from eval_fid import psnr, ssim, to_uint8
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss, kl_loss,
                     l2_loss, make_config)
@@ -300,11 +300,6 @@ def save_due(step, args, checkpoint, latest):
 def save_args(args):
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
-
-
-def to_uint8(x):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(path, x, recon, recon_empty):
