@@ -43,6 +43,16 @@ def test_conv_flops_of_discriminator_and_lpips():
         assert bench.conv_linear_flops(model, x) == pytest.approx(counted(model, x), rel=0.02)
 
 
+def test_sd_vae_decoder_has_the_released_shape():
+    # The grid baseline's decoder: Stable Diffusion's KL-f8 decoder has 49,490,199 parameters
+    # (post-quant conv included) and turns a 32x32x4 latent into a 256x256 image.
+    dec = bench.SDVAEDecoder()
+    assert sum(p.numel() for p in dec.parameters()) == 49_490_199
+    assert dec(torch.randn(1, 4, 3, 5)).shape == (1, 3, 24, 40)
+    x = torch.randn(2, 4, 4, 4)
+    assert bench.conv_linear_flops(dec, x) == pytest.approx(counted(dec, x), rel=0.02)
+
+
 def test_tiny_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     res = bench.main(["--image-size", "16", "--num-tokens", "8", "--dit-tokens", "8", "16", "--batch-size", "2",
@@ -50,6 +60,7 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path):
     names = [r["bench"] for r in res]
     assert names == ["tokenizer train step", "dit", "dit", "generation", "text conditioning cost"]
     assert all(r.get("img_per_s", 1) > 0 for r in res) and res[3]["grid_tokens"] == 1  # 16 px: a 1x1 grid
+    assert res[3]["s_decode_2d_grid"] > 0 and res[3]["s_per_img_2d_grid"] > res[3]["s_decode_2d_grid"]
     assert out.is_file()
 
 
