@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import IMAGE_EXTS, load_rgb
+from data import IMAGE_EXTS, folder_labels, list_images, load_rgb
 
 PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
           "and positions, and the background. Answer with the description only.")
@@ -42,17 +42,15 @@ PROMPT = ("Describe this image in detail in at most {n} words: the main objects,
 #################################################################################
 
 
-def list_images(root):
-    """Relative paths of every image under root, sorted, and their labels (class folder index)."""
+def find_images(root):
+    """Relative paths of every image under root, sorted, and their labels (class folder index, or
+    None per file for a flat folder): the same listing and labels as data.CaptionedImages."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root} does not exist; fix the DATA argument")
-    files = sorted(os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root)
-                   for n in names if n.lower().endswith(IMAGE_EXTS))
+    files = list_images(root)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
-    classes = sorted({os.path.dirname(f) for f in files})
-    labels = [classes.index(os.path.dirname(f)) for f in files] if classes != [""] else [None] * len(files)
-    return files, labels
+    return files, folder_labels(files) or [None] * len(files)
 
 
 def read_done(path):
@@ -146,7 +144,7 @@ class Captioner:
 #################################################################################
 
 def caption_folder(args, rank=0, world=1):
-    files, labels = list_images(args.data)
+    files, labels = find_images(args.data)
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         if not 0 <= i < n:

@@ -162,6 +162,19 @@ def load_rgb(path: str) -> Image.Image:
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def list_images(root: str) -> list[str]:
+    """Paths (relative to root, sorted) of every image file under root, at any depth."""
+    return sorted(os.path.relpath(os.path.join(d, name), root) for d, _, names in os.walk(root)
+                  for name in names if name.lower().endswith(IMAGE_EXTS))
+
+
+def folder_labels(files: list[str]):
+    """ImageNet-style labels: each file's class folder, as its index among the sorted folders;
+    None for a flat folder (no classes)."""
+    classes = sorted({os.path.dirname(f) for f in files})
+    return None if classes == [""] else [classes.index(os.path.dirname(f)) for f in files]
+
+
 class CaptionedImages(torch.utils.data.Dataset):
     """
     Images under `root` with captions from a JSON-lines file: {"file": "n01440764/x.JPEG",
@@ -193,8 +206,7 @@ class CaptionedImages(torch.utils.data.Dataset):
                     problems.append(f"{os.path.join(root, file)}: empty caption ({captions_file}:{n})")
                     continue
                 records[os.path.normpath(file)] = (str(caption).strip(), r.get("label"))
-        on_disk = sorted(os.path.relpath(os.path.join(d, name), root) for d, _, names in os.walk(root)
-                         for name in names if name.lower().endswith(IMAGE_EXTS))
+        on_disk = list_images(root)
         on_disk_set = set(on_disk)
         problems += [f"{os.path.join(root, f)}: image has no caption in {captions_file}"
                      for f in on_disk if f not in records]
@@ -220,14 +232,11 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.files = good
         self.captions = [records[f][0] for f in good]
         raw = [records[f][1] for f in good]
-        classes = sorted({os.path.dirname(f) for f in good})
         if all(r is not None for r in raw):  # labels given in the file (ints, or class names)
             names = sorted({str(r) for r in raw})
             self.labels = [int(r) if isinstance(r, int) else names.index(str(r)) for r in raw]
-        elif classes != [""]:  # ImageNet-style class folders
-            self.labels = [classes.index(os.path.dirname(f)) for f in good]
-        else:
-            self.labels = None
+        else:  # ImageNet-style class folders, or None
+            self.labels = folder_labels(good)
 
     def __len__(self):
         return len(self.files)
