@@ -210,7 +210,7 @@ def main(argv=None):
             raise ValueError(f"no captions for class {missing[0]} in {args.class_captions or 'the built-in list'}")
         labels, prompts, dec_captions = classes, [None] * len(classes), [None] * len(classes)
 
-    def conditions(n_per, offset=0):
+    def conditions(n_per):
         """Row-major (label, DiT prompt, decoding caption) for n_per samples of each row."""
         out = []
         for row in range(len(labels)):
@@ -230,8 +230,8 @@ def main(argv=None):
             text = mask = dec = dec_mask = None
             if t2i:
                 text, mask = (v.to(device) for v in encoder([c[1] for c in chunk]))
-            if tok_text:
-                dec, dec_mask = (v.to(device) for v in encoder([c[2] for c in chunk]))
+            if tok_text:  # T2I decodes with the prompt itself: its embeddings are already here
+                dec, dec_mask = (text, mask) if t2i else (v.to(device) for v in encoder([c[2] for c in chunk]))
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
             x = generate(dit, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.steps, args.sampler,
                          args.eta, g, device, autocast)

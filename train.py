@@ -641,8 +641,8 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
             else:
                 dec_rows = [i] * k
                 text, mask = fetch_text(val_text, dec_rows, device)
-            if tok_text:
-                dec, dec_mask = fetch_text(val_text, dec_rows, device)
+            if tok_text:  # T2I decodes with the caption it generated from
+                dec, dec_mask = (text, mask) if text is not None else fetch_text(val_text, dec_rows, device)
             x = generate(ema, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.sample_steps, "ddim",
                          0.0, g, device, autocast)
             rows.append(torch.cat([ref.float(), x]))
