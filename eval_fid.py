@@ -421,14 +421,17 @@ def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_si
     real_done = real_stats is not None and real_stats.n > 0
     real_stats = real_stats if real_stats is not None else Stats()
     results = {}
+    if empty_captions and text_encoder is not None:  # one empty caption, encoded once and broadcast
+        empty_text, empty_mask = (v.to(device) for v in text_encoder([""]))
     for name, empty in runs.items():
         fake_stats, probs, scores = Stats(), [], {"psnr": [], "ssim": [], "lpips": []}
         for x, idx, lab in tqdm(loader, desc=f"reconstruct ({name})", unit="batch"):
             x, lab = x.to(device), lab.to(device)
             text = mask = None
-            if text_encoder is not None:
-                caps = [""] * len(idx) if empty else [dataset.captions[i] for i in idx.tolist()]
-                text, mask = (v.to(device) for v in text_encoder(caps))
+            if text_encoder is not None and empty:
+                text, mask = empty_text.expand(len(idx), -1, -1), empty_mask.expand(len(idx), -1)
+            elif text_encoder is not None:
+                text, mask = (v.to(device) for v in text_encoder([dataset.captions[i] for i in idx.tolist()]))
             recon = tok(x, text, mask, lab, sample=False)[0].float()
             scores["psnr"].append(psnr(recon, x).cpu())
             scores["ssim"].append(ssim(recon, x).cpu())
