@@ -411,6 +411,13 @@ def table1(args):
     runs = [(n, v) for n in args.tokens for v in ("both", "none")]
     runs += [(args.ablation_tokens, v) for v in ("tokenizer", "detokenizer") if args.ablation_tokens]
     rows, t0, real = {}, time.time(), Stats()  # the originals' Inception statistics, computed once
+    encoders = {}  # one frozen text encoder for all runs (they share it), loaded on first use
+
+    def encoder_of(tok):
+        key = (tok.cfg.text_encoder, tok.cfg.text_len)
+        if key not in encoders:
+            encoders[key] = TextEncoder(*key)
+        return encoders[key]
     for n, variant in runs:
         out = os.path.join(args.out, f"n{n}-{variant}")
         if not os.path.isfile(os.path.join(out, "tokenizer", "model.safetensors")):
@@ -419,7 +426,7 @@ def table1(args):
                         "--num-images", str(args.num_images), "--cache-dir", args.cache_dir, "--val-images", "64",
                         "--eval-every", str(args.steps), "--save-every", str(args.steps)])
         tok = TexTok.from_pretrained(os.path.join(out, "tokenizer")).eval()
-        enc = TextEncoder(tok.cfg.text_encoder, tok.cfg.text_len) if variant != "none" else None
+        enc = encoder_of(tok) if variant != "none" else None
         rows[(n, variant)] = evaluate_reconstruction(tok, val, inception, enc, 64, lpips=lpips,
                                                     real_stats=real)["captions"]
         print(f"tokens {n}, text {variant}: {rows[(n, variant)]}")
@@ -458,7 +465,7 @@ def table1(args):
             tok = TexTok.from_pretrained(os.path.join(args.out, f"n{n}-{variant}", "tokenizer")).eval()
             t = m = None
             if variant == "both":
-                t, m = TextEncoder(tok.cfg.text_encoder, tok.cfg.text_len)(val.captions[:4])
+                t, m = encoder_of(tok)(val.captions[:4])
             with torch.no_grad():
                 cols.append(tok(x, t, m, sample=False)[0])
     save_image_grid(os.path.join(args.out, "fig1.png"), [torch.stack([c[i] for c in cols]) for i in range(4)],
