@@ -361,8 +361,7 @@ class Diffusion:
         return torch.linspace(self.T - 1, 0, steps).round().long()
 
     @torch.no_grad()
-    def sample(self, eps_fn, shape, steps=250, sampler="ddim", eta=0.0, generator=None, device="cpu",
-               progress=False):
+    def sample(self, eps_fn, shape, steps=250, sampler="ddim", eta=0.0, generator=None, device="cpu"):
         """
         Draws x_0 of `shape` (B, N, d) from noise. eps_fn(x_t, t) -> eps (guidance included).
 
@@ -381,11 +380,7 @@ class Diffusion:
         abar = self.abar.to(device)
         x = torch.randn(shape, generator=generator).to(device)
         ts = self.timesteps(steps).tolist()
-        iterator = range(len(ts))
-        if progress:
-            from tqdm import tqdm
-            iterator = tqdm(iterator, desc=f"{sampler} {steps} steps", leave=False)
-        for i in iterator:
+        for i in range(len(ts)):
             t = ts[i]
             a_t = abar[t]
             a_s = abar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), dtype=abar.dtype, device=device)
