@@ -61,6 +61,9 @@ def get_args(argv=None):
     p.add_argument("--text-in", default="both", choices=["none", "tokenizer", "detokenizer", "both"])
     p.add_argument("--text-mode", default="in-context", choices=["in-context", "cross-attn"])
     p.add_argument("--cond", default="text", choices=["text", "class"], help="captions, or a class embedding")
+    p.add_argument("--init", default="local", choices=["local", "vit"],
+                   help="local: attention starts by position, converges faster (TexTok.init_local_attention); "
+                        "vit: the plain ViT init")
     p.add_argument("--text-encoder", default="minilm",
                    help="minilm (offline), t5-xl (paper, 256 px), t5-xxl (512 px), a hub name or a local folder")
     p.add_argument("--text-len", type=int, default=64, help="text tokens per caption (paper: 128)")
@@ -343,7 +346,7 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
     cfg = make_config(args.model, image_size=args.image_size, patch_size=args.patch_size, num_tokens=args.num_tokens,
                       token_dim=args.token_dim, text_dim=text_dim or 1, text_len=args.text_len,
                       text_in=args.text_in, text_mode=args.text_mode, cond=args.cond, num_classes=num_classes,
-                      text_encoder=args.text_encoder if use_text else "")
+                      text_encoder=args.text_encoder if use_text else "", init=args.init)
     raw_model = TexTok(cfg).to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     use_gan = args.gan_weight > 0

@@ -284,3 +284,52 @@ def test_config_errors_are_clear():
         tiny(text_in="decoder")
     with pytest.raises(ValueError, match="TexTok-XXL"):
         make_config("TexTok-XXL")
+    with pytest.raises(ValueError, match="init"):
+        tiny(init="xavier")
+
+
+def first_layer_attention(model, images):
+    """Head-averaged attention of the first tokenizer layer (latent tokens -> patches) and of
+    the first detokenizer layer (patches -> latent tokens), from the model's own weights."""
+    cfg, hw = model.cfg, model.cfg.grid ** 2
+
+    def attention(block, seq):
+        B, S, D = seq.shape
+        x = block.norm1(seq)
+        q = block.attn.q(x).view(B, S, cfg.heads, -1).transpose(1, 2)
+        k = block.attn.kv(x)[..., :D].view(B, S, cfg.heads, -1).transpose(1, 2)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // cfg.heads), -1).mean((0, 1))  # (S, S)
+
+    with torch.no_grad():
+        patches = model.patch_embed(textok.patchify(images, cfg.patch_size)) + model.enc_pos
+        seq = torch.cat([patches, model.latent_tokens.expand(len(images), -1, -1)], 1)
+        enc = attention(model.encoder.blocks[0], seq)[hw:, :hw]  # (N, hw)
+        z = model.encode(images)
+        seq = torch.cat([model.patch_tokens.expand(len(images), -1, -1), model.latent_proj(z) + model.dec_pos], 1)
+        dec = attention(model.decoder.blocks[0], seq)[:hw, hw:]  # (hw, N)
+    return enc, dec
+
+
+def test_local_init_starts_attention_at_each_tokens_place():
+    # TexTok-T at 32 px: an 8x8 patch grid, 32 latent tokens laid on 4 rows x 8 columns, so
+    # latent token i sits at row (i // 8 + 0.5) * 2, column i % 8 + 0.5, in patch units.
+    data = ShapesDataset(4, 32, seed=0)
+    images = torch.stack([data[i][0] for i in range(4)])
+    row_l = (torch.arange(32) // 8 + 0.5) * 2
+    col_l = torch.arange(32) % 8 + 0.5
+    row_p, col_p = torch.arange(64) // 8 + 0.5, torch.arange(64) % 8 + 0.5
+    for init in ("local", "vit"):
+        torch.manual_seed(0)
+        model = TexTok(make_config("TexTok-T", image_size=32, patch_size=4, num_tokens=32, text_in="none", init=init))
+        enc, dec = first_layer_attention(model, images)
+        # each latent's most-attended patch, and each patch's most-attended latent, is a neighbour
+        p = enc.argmax(1)
+        enc_near = ((row_p[p] - row_l).abs() <= 1) & ((col_p[p] - col_l).abs() <= 0.5)
+        i = dec.argmax(1)
+        dec_near = ((row_l[i] - row_p).abs() <= 1) & ((col_l[i] - col_p).abs() <= 0.5)
+        top4 = enc.topk(4, dim=1).values.sum(1).mean(), dec.topk(4, dim=1).values.sum(1).mean()
+        if init == "local":
+            assert enc_near.all() and dec_near.all(), (enc_near, dec_near)
+            assert min(top4) > 0.4, top4  # 4 of 64 patches / 32 latents hold most of the weight
+        else:  # the plain ViT init starts uniform: 4 keys of ~96 get ~4%
+            assert max(top4) < 0.1, top4
