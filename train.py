@@ -39,7 +39,7 @@ from textok import (LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, Le
 # shrunk to finish in minutes on a CPU) and the DiT recipe (DiT: AdamW, no weight decay,
 # beta2 0.999, EMA 0.9999; its constant lr 1e-4 at batch 256 is raised here for small batches).
 STAGE_DEFAULTS = {
-    "tokenizer": dict(out="out/textok", steps=700, batch_size=32, lr=3e-4, min_lr=3e-5, warmup_steps=50,
+    "tokenizer": dict(out="out/textok", steps=700, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=50,
                       weight_decay=1e-4, beta2=0.99, ema_decay=0.999, eval_every=200, save_every=200),
     "dit": dict(out="out/dit", steps=3000, batch_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=100,
                 weight_decay=0.0, beta2=0.999, ema_decay=0.9999, eval_every=1000, save_every=500),
