@@ -424,7 +424,7 @@ def table1(args):
             train.main(["--num-tokens", str(n), "--text-in", variant, "--steps", str(args.steps), "--image-size",
                         str(args.image_size), "--patch-size", str(args.patch_size), "--out", out,
                         "--num-images", str(args.num_images), "--cache-dir", args.cache_dir, "--val-images", "64",
-                        "--eval-every", str(args.steps), "--save-every", str(args.steps)])
+                        "--eval-every", str(args.steps), "--save-every", str(args.steps), "--init", args.init])
         tok = TexTok.from_pretrained(os.path.join(out, "tokenizer")).eval()
         enc = encoder_of(tok) if variant != "none" else None
         rows[(n, variant)] = evaluate_reconstruction(tok, val, inception, enc, 64, lpips=lpips,
@@ -503,6 +503,7 @@ def get_args(argv=None):
     t.add_argument("--num-images", type=int, default=4096, help="built-in training images per run")
     t.add_argument("--cache-dir", default="cache", help="caption-embedding cache shared by the runs")
     t.add_argument("--out", default="out/table1")
+    t.add_argument("--init", default="local", choices=["local", "vit"], help="train.py --init for every run")
     return p.parse_args(argv)
 
 

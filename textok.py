@@ -409,8 +409,9 @@ class TexTok(nn.Module):
         average of patches carries only the image's mean colour into the latent tokens (and a
         uniform average of latent tokens only their mean back out). Learning to route by
         position needs both sides to do it at once, and on the built-in dataset a 1.7M-parameter
-        TexTok sat at the mean colour for 3,000 steps (README). With this init it leaves that
-        plateau within a few hundred steps. It is our addition, in the spirit of "mimetic"
+        TexTok sat at the mean colour for 3,000 steps (README). With this init the default run
+        leaves that plateau within a few hundred steps, though not at every seed (README has the
+        measurements). It is our addition, in the spirit of "mimetic"
         initialisation (Trockman & Kolter, 2023); the paper does not say how it initialises.
 
         How: C channels of the residual stream carry 2D sin-cos codes of position, in two
