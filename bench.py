@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import DiT, Diffusion, guided, make_dit_config
-from textok import LPIPS, Blur, Discriminator, TexTok, d_loss, g_loss, make_config
+from textok import INITS, LPIPS, Blur, Discriminator, TexTok, d_loss, g_loss, make_config
 
 # Peak dense bf16 tensor-core FLOP/s (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
@@ -503,7 +503,7 @@ def get_args(argv=None):
     t.add_argument("--num-images", type=int, default=4096, help="built-in training images per run")
     t.add_argument("--cache-dir", default="cache", help="caption-embedding cache shared by the runs")
     t.add_argument("--out", default="out/table1")
-    t.add_argument("--init", default="local", choices=["local", "vit"], help="train.py --init for every run")
+    t.add_argument("--init", default="local", choices=INITS, help="train.py --init for every run")
     return p.parse_args(argv)
 
 

@@ -62,7 +62,7 @@ class TexTokConfig:
     cond: str = "text"  # text | class
     num_classes: int = 1000  # only used when cond == "class"
     text_encoder: str = ""  # which encoder made the text embeddings (checked at sampling)
-    init: str = "local"  # local (attention starts local, converges faster) | vit (plain ViT init)
+    init: str = "local"  # local (attention starts by position) | vit (plain ViT init)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:

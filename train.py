@@ -31,8 +31,8 @@ from tqdm import tqdm
 from data import CaptionedImages, ShapesDataset, ShardedSampler, Split
 from eval_fid import psnr, ssim, to_uint8
 from dit import DiT, DiT_models, Diffusion, make_dit_config
-from textok import (LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss, kl_loss,
-                    l2_loss, make_config)
+from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
+                    kl_loss, l2_loss, make_config)
 
 
 # Flags whose default depends on the stage: the tokenizer recipe (MAGVIT-v2 / TiTok style,
@@ -61,9 +61,8 @@ def get_args(argv=None):
     p.add_argument("--text-in", default="both", choices=["none", "tokenizer", "detokenizer", "both"])
     p.add_argument("--text-mode", default="in-context", choices=["in-context", "cross-attn"])
     p.add_argument("--cond", default="text", choices=["text", "class"], help="captions, or a class embedding")
-    p.add_argument("--init", default="local", choices=["local", "vit"],
-                   help="local: attention starts by position, converges faster (TexTok.init_local_attention); "
-                        "vit: the plain ViT init")
+    p.add_argument("--init", default="local", choices=INITS,
+                   help="local: attention starts by position (TexTok.init_local_attention); vit: the plain ViT init")
     p.add_argument("--text-encoder", default="minilm",
                    help="minilm (offline), t5-xl (paper, 256 px), t5-xxl (512 px), a hub name or a local folder")
     p.add_argument("--text-len", type=int, default=64, help="text tokens per caption (paper: 128)")
