@@ -333,3 +333,19 @@ def test_local_init_starts_attention_at_each_tokens_place():
             assert min(top4) > 0.4, top4  # 4 of 64 patches / 32 latents hold most of the weight
         else:  # the plain ViT init starts uniform: 4 keys of ~96 get ~4%
             assert max(top4) < 0.1, top4
+
+
+def test_fresh_tokenizer_tokens_carry_the_image_above_their_sampling_noise():
+    # Before any training, different images must already give different latent tokens, by more
+    # than the posterior's own noise: otherwise the detokenizer learns to ignore the tokens and
+    # training sits at the mean colour (the locality init once zeroed the content to ~0.01).
+    data = ShapesDataset(32, 32, seed=0)
+    images = torch.stack([data[i][0] for i in range(32)])
+    for init in ("local", "vit"):
+        torch.manual_seed(0)
+        model = TexTok(make_config("TexTok-T", image_size=32, patch_size=4, num_tokens=32, text_in="none", init=init))
+        with torch.no_grad():
+            post = model.posterior(images)
+        content = post.mean.std(0).mean()  # how much a token changes from image to image
+        noise = torch.exp(0.5 * post.logvar).mean()  # the standard deviation a training sample adds
+        assert content > 2 * noise, (init, content.item(), noise.item())
