@@ -423,8 +423,9 @@ class TexTok(nn.Module):
         (latent asks, patch answers), the detokenizer's the other way round. Codes at the same
         place give a dot product of about 6 after LayerNorm, codes far apart much less. Last,
         each attention layer's value and output projections start with a scaled identity on the
-        other channels, so what a token attends to is passed on rather than scrambled and shrunk
-        (the value half of mimetic initialisation).
+        other channels, so what a token attends to is passed on rather than scrambled and shrunk.
+        (Mimetic initialisation starts value x output near *minus* identity, the sign it found in
+        trained vision ViTs; we use plus, a plain copy, and have not compared the two.)
         """
         cfg, D = self.cfg, self.cfg.width
         head_dim = D // cfg.heads
