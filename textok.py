@@ -317,6 +317,37 @@ class ViT(nn.Module):
         return self.norm(x[:, :S])  # (B, S, D): condition positions dropped
 
 
+@torch.no_grad()
+def text_attention_share(vit: ViT, x, text=None, text_mask=None, labels=None) -> list[float]:
+    """
+    How much each layer of `vit` reads the caption: the share of attention that image-side
+    queries (patches and latent tokens) give to the text keys, averaged over queries, heads and
+    images, one number per layer. It reruns `vit` on x (B, S, D) with a hook on every
+    self-attention that recomputes its softmax. Empty for a ViT without in-context text (none,
+    or cross-attention, where every key of the cross-attention layer is text by construction).
+    """
+    if vit.cond is None or vit.cross:
+        return []
+    S, shares = x.shape[1], []
+
+    def hook(attn, args, kwargs):
+        h, mask = args[0], kwargs["mask"]  # (B, S + Nt, D) normalised input, (B, S + Nt) key mask
+        B, L, D = h.shape
+        q = attn.q(h).view(B, L, attn.heads, -1).transpose(1, 2)  # (B, H, L, D/H)
+        k = attn.kv(h)[..., :D].view(B, L, attn.heads, -1).transpose(1, 2)  # (B, H, L, D/H)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+        weights = logits.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+        shares.append(weights[:, :, :S, S:].sum(-1).mean().item())  # image queries -> text keys
+
+    handles = [block.attn.register_forward_pre_hook(hook, with_kwargs=True) for block in vit.blocks]
+    try:
+        vit(x, text, text_mask, labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shares
+
+
 #################################################################################
 #                          TexTok tokenizer / detokenizer                       #
 #################################################################################
@@ -465,11 +496,20 @@ class TexTok(nn.Module):
                 block.attn.kv.weight[D + 2 * C:, 2 * C:] += copy  # rows [D, 2D) of kv are the values
                 block.attn.proj.weight[2 * C:, 2 * C:] += copy
 
-    def posterior(self, images, text=None, text_mask=None, labels=None) -> Posterior:
-        # images: (B, 3, H, W) in [-1, 1]; text: (B, Nt, Dt); text_mask: (B, Nt); labels: (B,)
+    def encoder_input(self, images):
+        """The tokenizer's image side: projected patches P + learnable image tokens L (§3.2)."""
         x = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.enc_pos  # (B, hw, D)
         L = self.latent_tokens.expand(x.shape[0], -1, -1)  # (B, N, D)
-        x = self.encoder(torch.cat([x, L], dim=1), text, text_mask, labels)  # (B, hw + N, D)
+        return torch.cat([x, L], dim=1)  # (B, hw + N, D)
+
+    def decoder_input(self, z):
+        """The detokenizer's image side: learnable patch tokens P' + projected image tokens Z'."""
+        zp = self.latent_proj(z.to(self.latent_proj.weight.dtype)) + self.dec_pos  # (B, N, D)
+        return torch.cat([self.patch_tokens.expand(z.shape[0], -1, -1), zp], dim=1)  # (B, hw + N, D)
+
+    def posterior(self, images, text=None, text_mask=None, labels=None) -> Posterior:
+        # images: (B, 3, H, W) in [-1, 1]; text: (B, Nt, Dt); text_mask: (B, Nt); labels: (B,)
+        x = self.encoder(self.encoder_input(images), text, text_mask, labels)  # (B, hw + N, D)
         mean, logvar = self.to_moments(x[:, -self.cfg.num_tokens:]).float().chunk(2, dim=-1)  # (B, N, d) each
         # Clamp as latent-diffusion VAEs do, so exp(logvar) can neither overflow nor vanish.
         return Posterior(mean, logvar.clamp(-30.0, 20.0))
@@ -482,10 +522,8 @@ class TexTok(nn.Module):
 
     def decode(self, z, text=None, text_mask=None, labels=None):
         """latent tokens (B, N, d) + caption embeddings -> images (B, 3, H, W), about [-1, 1]."""
-        B, hw = z.shape[0], self.cfg.grid ** 2
-        zp = self.latent_proj(z.to(self.latent_proj.weight.dtype)) + self.dec_pos  # (B, N, D)
-        x = torch.cat([self.patch_tokens.expand(B, -1, -1), zp], dim=1)  # (B, hw + N, D)
-        x = self.decoder(x, text, text_mask, labels)  # (B, hw + N, D)
+        hw = self.cfg.grid ** 2
+        x = self.decoder(self.decoder_input(z), text, text_mask, labels)  # (B, hw + N, D)
         x = self.to_pixels(x[:, :hw])  # (B, hw, 3*p*p): only the patch outputs are kept
         return unpatchify(x, self.cfg.patch_size, self.cfg.grid)  # (B, 3, H, W)
 
@@ -498,6 +536,14 @@ class TexTok(nn.Module):
         else:
             z = post.sample() if sample else post.mean  # (B, N, d)
         return self.decode(z, text, text_mask, labels), post
+
+    @torch.no_grad()
+    def text_attention(self, images, text=None, text_mask=None, labels=None) -> dict:
+        """Per layer, the share of attention the image side gives to the caption's tokens, in
+        the tokenizer and in the detokenizer (see text_attention_share): how much it is read."""
+        z = self.encode(images, text, text_mask, labels)
+        return {"tokenizer": text_attention_share(self.encoder, self.encoder_input(images), text, text_mask, labels),
+                "detokenizer": text_attention_share(self.decoder, self.decoder_input(z), text, text_mask, labels)}
 
     # ---- save / load: config.json + model.safetensors, no pickle anywhere ----
 

@@ -349,3 +349,24 @@ def test_fresh_tokenizer_tokens_carry_the_image_above_their_sampling_noise():
         content = post.mean.std(0).mean()  # how much a token changes from image to image
         noise = torch.exp(0.5 * post.logvar).mean()  # the standard deviation a training sample adds
         assert content > 2 * noise, (init, content.item(), noise.item())
+
+
+def test_text_attention_share_counts_exactly_the_caption_keys():
+    # With query and key weights at zero every key gets the same logit, so the share of the
+    # caption is (its unpadded tokens) / (all unmasked keys), in every layer, both ViTs.
+    cfg = tiny(text_in="both", num_tokens=4)  # 16 patches + 4 latent tokens on the image side
+    model = TexTok(cfg).eval()
+    with torch.no_grad():
+        for vit in (model.encoder, model.decoder):
+            for block in vit.blocks:
+                block.attn.q.weight.zero_(); block.attn.q.bias.zero_()
+                block.attn.kv.weight[:cfg.width].zero_(); block.attn.kv.bias[:cfg.width].zero_()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    text, mask, _ = cond_inputs(cfg)  # 7 caption tokens, the rest padding
+    shares = model.text_attention(x, text, mask)
+    assert len(shares["tokenizer"]) == cfg.enc_depth and len(shares["detokenizer"]) == cfg.dec_depth
+    for s in shares["tokenizer"] + shares["detokenizer"]:
+        assert s == pytest.approx(7 / (16 + 4 + 7), abs=1e-6)
+    # Where the text does not enter in context, there is nothing to measure.
+    assert TexTok(tiny(text_in="tokenizer")).text_attention(x, text, mask)["detokenizer"] == []
+    assert TexTok(tiny(text_mode="cross-attn")).text_attention(x, text, mask) == {"tokenizer": [], "detokenizer": []}
