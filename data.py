@@ -267,6 +267,28 @@ class Split(torch.utils.data.Dataset):
         return image, k, label
 
 
+def load_splits(data: str = "builtin", captions: str = None, image_size: int = 32, seed: int = 0,
+                num_images: int = 4096, val_images: int = 256, skip_bad: bool = False, progress: bool = True):
+    """
+    (training set, held-out set), as train.py trains and evaluates on them and eval_fid.py scores
+    them, so that a reported reconstruction metric is always on images the tokenizer never saw.
+    Built-in: `num_images` scenes of `seed` for training and `val_images` scenes of seed + 1 (a
+    disjoint draw) held out. A folder: a seeded shuffle holds out `val_images` images, at most a
+    tenth of the folder, and at least one.
+    """
+    if data == "builtin":
+        return ShapesDataset(num_images, image_size, seed=seed), ShapesDataset(val_images, image_size, seed=seed + 1)
+    if not captions:
+        raise ValueError(f"--data {data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
+    full = CaptionedImages(data, captions, image_size, skip_bad, progress=progress)
+    if len(full) < 2:
+        raise ValueError(f"{data} has {len(full)} usable captioned image(s): training and a held-out "
+                         f"evaluation need at least 2")
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, min(val_images, len(full) // 10))
+    return Split(full, sorted(perm[n_val:])), Split(full, sorted(perm[:n_val]))
+
+
 #################################################################################
 #                                    Sampler                                    #
 #################################################################################

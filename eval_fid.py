@@ -410,33 +410,36 @@ def evaluate_generation(samples, ref, inception, batch_size=64, k=3, clip_model=
 
 
 @torch.no_grad()
-def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_size=32, empty_captions=False,
+def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_size=32, caption_tests=(),
                             lpips=None, device="cpu", real_stats=None):
     """Reconstruct every image (EMA tokenizer, posterior mean, its own caption) and compare:
-    rFID and rIS (Inception on originals vs reconstructions), PSNR, SSIM, LPIPS; with
-    empty_captions, the same with every caption replaced by the empty string. `real_stats`
-    (a Stats of the originals, filled by an earlier call) skips recomputing the originals."""
-    runs = {"captions": False} | ({"empty captions": True} if empty_captions else {})
+    rFID and rIS (Inception on originals vs reconstructions; skipped when `inception` is None),
+    PSNR, SSIM, LPIPS. `caption_tests`
+    says how much the caption is used: "other" repeats it with each image given the next image's
+    caption, "empty" with the empty caption. `real_stats` (a Stats of the originals, filled by an
+    earlier call) skips recomputing the originals."""
+    n = len(dataset)
+    captions = {"captions": lambda i: dataset.captions[i], "other captions": lambda i: dataset.captions[(i + 1) % n],
+                "empty captions": lambda i: ""}
+    runs = ["captions"] + [f"{t} captions" for t in caption_tests if text_encoder is not None]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
     real_done = real_stats is not None and real_stats.n > 0
     real_stats = real_stats if real_stats is not None else Stats()
     results = {}
-    if empty_captions and text_encoder is not None:  # one empty caption, encoded once and broadcast
-        empty_text, empty_mask = (v.to(device) for v in text_encoder([""]))
-    for name, empty in runs.items():
+    for name in runs:
         fake_stats, probs, scores = Stats(), [], {"psnr": [], "ssim": [], "lpips": []}
         for x, idx, lab in tqdm(loader, desc=f"reconstruct ({name})", unit="batch"):
             x, lab = x.to(device), lab.to(device)
             text = mask = None
-            if text_encoder is not None and empty:
-                text, mask = empty_text.expand(len(idx), -1, -1), empty_mask.expand(len(idx), -1)
-            elif text_encoder is not None:
-                text, mask = (v.to(device) for v in text_encoder([dataset.captions[i] for i in idx.tolist()]))
+            if text_encoder is not None:
+                text, mask = (v.to(device) for v in text_encoder([captions[name](i) for i in idx.tolist()]))
             recon = tok(x, text, mask, lab, sample=False)[0].float()
             scores["psnr"].append(psnr(recon, x).cpu())
             scores["ssim"].append(ssim(recon, x).cpu())
             if lpips is not None:
                 scores["lpips"].append(lpips(to_unit(recon) * 2 - 1, to_unit(x) * 2 - 1).flatten().cpu())
+            if inception is None:
+                continue
             f, p = inception(to_uint8(recon))
             fake_stats.update(f.cpu().numpy())
             if p is not None:
@@ -444,13 +447,52 @@ def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_si
             if not real_done:
                 real_stats.update(inception(to_uint8(x))[0].cpu().numpy())
         real_done = True
-        res = {"rfid": frechet_distance(*fake_stats.mu_sigma(), *real_stats.mu_sigma())}
+        res = {"rfid": frechet_distance(*fake_stats.mu_sigma(), *real_stats.mu_sigma())} if inception else {}
         if probs:
             res["ris"] = inception_score(np.concatenate(probs))[0]
         res.update({k: torch.cat(v).mean().item() for k, v in scores.items() if v})
         results[name] = res
-    results["num_images"] = len(dataset)
+    results["num_images"] = n
     return results
+
+
+def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, num_images=None, files=None):
+    """
+    The images `recon` scores, and a sentence saying which they are. By default the held-out
+    split of the run that trained `tokenizer` (read from its <out>/args.json, which train.py
+    writes beside <out>/tokenizer/): never an image it was trained on. `files` (a text file,
+    one path relative to the folder per line) scores exactly those images instead.
+    """
+    from data import CaptionedImages, ShapesDataset, Split, load_splits
+    run = {}
+    args_path = os.path.join(os.path.dirname(os.path.abspath(tokenizer.rstrip("/"))), "args.json")
+    if os.path.isfile(args_path):
+        with open(args_path) as f:
+            run = json.load(f)
+    data = data or run.get("data", "builtin")
+    captions = captions or (run.get("captions") if data == run.get("data") else None)
+    seed = seed if seed is not None else run.get("seed", 0)
+    if data == "builtin":
+        n = num_images or 1000
+        return (ShapesDataset(n, image_size, seed=seed + 1),
+                f"{n} held-out built-in scenes (seed {seed + 1}; the run trained on seed {seed})")
+    if not captions:
+        raise ValueError(f"--data {data} needs --captions FILE.jsonl")
+    if files:
+        full = CaptionedImages(data, captions, image_size)
+        with open(files) as f:
+            wanted = [os.path.normpath(line.strip()) for line in f if line.strip()]
+        where = {name: i for i, name in enumerate(full.files)}
+        missing = [w for w in wanted if w not in where]
+        if missing:
+            raise ValueError(f"{files}: {missing[0]} is not a captioned image under {data} ({len(missing)} missing)")
+        return Split(full, [where[w] for w in wanted]), f"the {len(wanted)} images listed in {files}"
+    val_images = run.get("val_images", 256)
+    _, held_out = load_splits(data, captions, image_size, seed, val_images=val_images, progress=False)
+    if num_images:
+        held_out = Split(held_out.dataset, held_out.indices[:num_images])
+    return held_out, (f"{len(held_out)} held-out images of {data} (train.py's split for --seed {seed}, "
+                      f"--val-images {val_images}{'' if run else '; no args.json found beside the tokenizer'})")
 
 
 def get_args(argv=None):
@@ -471,10 +513,15 @@ def get_args(argv=None):
     s.add_argument("--out", required=True, help="statistics .npz to write (mu, sigma, features)")
     r = sub.add_parser("recon", help="rFID / rIS / PSNR / SSIM / LPIPS of a trained tokenizer")
     r.add_argument("--tokenizer", default="out/textok/tokenizer", help="folder written by train.py")
-    r.add_argument("--data", default="builtin", help="'builtin' (the held-out shapes) or an image folder")
+    r.add_argument("--data", default=None, help="'builtin' or an image folder (default: what the tokenizer trained on)")
     r.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
-    r.add_argument("--num-images", type=int, default=1000, help="images to reconstruct (paper: 50,000)")
-    r.add_argument("--seed", type=int, default=1, help="built-in data: 1 is train.py's held-out set for --seed 0")
+    r.add_argument("--seed", type=int, default=None, help="the training run's --seed, which fixes its held-out split "
+                                                         "(default: read from the run's args.json)")
+    r.add_argument("--num-images", type=int, default=None,
+                   help="held-out images to score (built-in default 1000; a folder: at most its held-out split)")
+    r.add_argument("--files", default=None, help="score exactly these images: a text file, one path (relative to "
+                                                 "--data) per line")
+    r.add_argument("--other-captions", action="store_true", help="also evaluate with the next image's caption")
     r.add_argument("--empty-captions", action="store_true", help="also evaluate with empty captions")
     r.add_argument("--no-lpips", action="store_true")
     return p.parse_args(argv)
@@ -496,24 +543,22 @@ def main(argv=None):
         if args.save_ref_stats:
             save_stats(args.save_ref_stats, mu_r, sg_r, f_r)
     else:
-        from data import CaptionedImages, ShapesDataset, Split
         from textok import LPIPS, TexTok, TextEncoder
         device = inception.device
         tok = TexTok.from_pretrained(args.tokenizer, device).eval()
         cfg = tok.cfg
-        if args.data == "builtin":
-            data = ShapesDataset(args.num_images, cfg.image_size, seed=args.seed)
-        else:
-            if not args.captions:
-                raise ValueError(f"--data {args.data} needs --captions FILE.jsonl")
-            full = CaptionedImages(args.data, args.captions, cfg.image_size)
-            data = Split(full, range(min(args.num_images, len(full))))
+        data, which = held_out_images(args.tokenizer, cfg.image_size, args.data, args.captions, args.seed,
+                                      args.num_images, args.files)
+        print(f"scoring {which}")
         encoder = None
         if cfg.cond == "text" and cfg.text_in != "none":
             encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device)
         lpips = None if args.no_lpips else LPIPS.load(device=device)
-        results = evaluate_reconstruction(tok, data, inception, encoder, args.batch_size,
-                                          args.empty_captions and encoder is not None, lpips, device)
+        tests = [t for t in ("other", "empty") if getattr(args, f"{t}_captions")]
+        results = evaluate_reconstruction(tok, data, inception, encoder, args.batch_size, tests, lpips, device)
+        results["images"] = which
+        if hasattr(data, "indices"):  # a folder: the scored files, by name
+            results["files"] = [data.dataset.files[i] for i in data.indices]
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as f:

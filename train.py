@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import CaptionedImages, ShapesDataset, ShardedSampler, Split
+from data import ShardedSampler, load_splits
 from eval_fid import psnr, ssim, to_uint8
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
@@ -161,9 +161,10 @@ def text_cache(captions, encoder_name, text_len, cache_dir, device, rank):
         encoder = TextEncoder(encoder_name, text_len, device)
         emb, mask = encoder.encode_all(captions)
         for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):
-            with open(path + ".tmp", "wb") as f:  # atomic: a killed run never leaves half a cache
+            tmp = f"{path}.{os.getpid()}.tmp"  # atomic, and two runs filling one cache never share a file
+            with open(tmp, "wb") as f:
                 np.save(f, arr)
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         del encoder
     if dist.is_initialized():
         dist.barrier()
@@ -187,18 +188,11 @@ def fetch_text(cache, idx, device, trim=False):
 def build_data(args, image_size, master):
     """(train set, held-out set, whether to flip): the built-in shapes or a captioned folder.
     Both stages call this, so the DiT sees exactly the images (and held-out split) the tokenizer saw."""
-    if args.data == "builtin":
-        train_set = ShapesDataset(args.num_images, image_size, seed=args.seed)
-        val_set = ShapesDataset(args.val_images, image_size, seed=args.seed + 1)  # disjoint seed
-        hflip = bool(args.hflip)  # off by default: a flip would contradict "at the left" in the caption
-    else:
-        if not args.captions:
-            raise ValueError(f"--data {args.data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
-        full = CaptionedImages(args.data, args.captions, image_size, args.skip_bad, progress=master)
-        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_val = min(args.val_images, len(full) // 10)
-        train_set, val_set = Split(full, sorted(perm[n_val:])), Split(full, sorted(perm[:n_val]))
-        hflip = args.hflip is not False  # ADM-style random flips for real data
+    train_set, val_set = load_splits(args.data, args.captions, image_size, args.seed, args.num_images,
+                                     args.val_images, args.skip_bad, progress=master)
+    # Flips: ADM-style for real data; off for the built-in set, where a flip would contradict
+    # "at the left" in the caption.
+    hflip = args.hflip if args.hflip is not None else args.data != "builtin"
     return train_set, val_set, hflip
 
 

