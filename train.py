@@ -298,19 +298,25 @@ def save_args(args):
         json.dump(vars(args), f, indent=2)
 
 
-def save_grid(path, x, recon, recon_empty):
-    """Rows of: input | reconstruction | reconstruction with an empty caption | |error| (x4)."""
-    err = ((recon.float() - x.float()).abs().mean(1, keepdim=True) * 2).clamp(0, 1).expand_as(x) * 2 - 1
-    cols = [x, recon, recon_empty if recon_empty is not None else torch.full_like(x, -1), err]
-    tiles = np.concatenate([np.concatenate(list(to_uint8(c)), axis=0) for c in cols], axis=1)  # (B*H, 4*W, 3)
-    scale = max(1, 128 // x.shape[-1])  # small images are shown enlarged, pixels kept sharp
+def save_grid(path, x, recons, captions=None):
+    """Rows of: input | each reconstruction in `recons` (a dict: column title -> images) | the
+    first one's |error| x4. Small images are enlarged, pixels kept sharp. With `captions`, the
+    row captions are written to a .txt beside the PNG."""
+    err = ((next(iter(recons.values())).float() - x.float()).abs().mean(1, keepdim=True) * 2).clamp(0, 1).expand_as(x) * 2 - 1
+    cols = [x, *recons.values(), err]
+    titles = ["input", *recons, "|error| x4"]
+    tiles = np.concatenate([np.concatenate(list(to_uint8(c)), axis=0) for c in cols], axis=1)  # (B*H, cols*W, 3)
+    scale = max(2, 160 // x.shape[-1])  # small images are shown enlarged, pixels kept sharp
     img = Image.fromarray(tiles).resize((tiles.shape[1] * scale, tiles.shape[0] * scale), Image.NEAREST)
     canvas = Image.new("RGB", (img.width, img.height + 14), "white")
     canvas.paste(img, (0, 14))
-    draw, w = ImageDraw.Draw(canvas), img.width // 4
-    for i, name in enumerate(["input", "recon", "recon, empty caption", "|error| x4"]):
+    draw, w = ImageDraw.Draw(canvas), img.width // len(cols)
+    for i, name in enumerate(titles):
         draw.text((i * w + 2, 1), name, fill="black")
     canvas.save(path)
+    if captions is not None:
+        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+            f.write("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
 
 
 #################################################################################
@@ -393,24 +399,37 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
 
     @torch.no_grad()
     def evaluate():
-        """PSNR/SSIM of the EMA tokenizer on held-out images, with captions and with empty ones."""
-        scores = {"psnr": [], "ssim": [], "psnr_empty": []}
-        grid = None
+        """The EMA tokenizer on held-out images: PSNR/SSIM with each image's own caption, and how
+        much the caption is used: PSNR with the next held-out image's caption and with an empty
+        caption, and the share of attention the image side gives to the caption, per layer."""
+        n = len(val_set)
+        scores = {"psnr": [], "ssim": [], "psnr_other": [], "psnr_empty": []}
+        captions = {"own": None, "other": lambda idx: [(i + 1) % n for i in idx], "empty": lambda idx: [n] * len(idx)}
+        grid, attention = None, None
         for x, idx, lab in val_loader:
             x, lab = x.to(device), lab.to(device)
-            text = mask = text0 = mask0 = None
-            if use_text:
-                text, mask = fetch_text(val_text, idx, device, trim=not use_compile)
-                text0, mask0 = fetch_text(val_text, [len(val_set)] * len(idx), device, trim=not use_compile)  # empty caption
-            with autocast:
-                recon = ema(x, text, mask, lab, sample=False)[0].float()
-                recon0 = ema(x, text0, mask0, lab, sample=False)[0].float() if use_text else None
-            scores["psnr"].append(psnr(recon, x)); scores["ssim"].append(ssim(recon, x))
-            if use_text:
-                scores["psnr_empty"].append(psnr(recon0, x))
+            recon = {}
+            for name, rows in captions.items():
+                text = mask = None
+                if use_text:
+                    text, mask = fetch_text(val_text, rows(idx.tolist()) if rows else idx, device, trim=not use_compile)
+                elif rows:
+                    break  # no caption to change
+                with autocast:
+                    recon[name] = ema(x, text, mask, lab, sample=False)[0].float()
+                if attention is None and use_text and args.text_mode == "in-context":
+                    attention = ema.text_attention(x, text, mask, lab)  # own captions, first batch
+            scores["psnr"].append(psnr(recon["own"], x)); scores["ssim"].append(ssim(recon["own"], x))
+            for name in ("other", "empty"):
+                if name in recon:
+                    scores[f"psnr_{name}"].append(psnr(recon[name], x))
             if grid is None:
-                grid = (x[:8], recon[:8], None if recon0 is None else recon0[:8])
-        return {k: torch.cat(v).mean().item() for k, v in scores.items() if v}, grid
+                titles = {"own": "recon", "other": "next row's caption", "empty": "empty caption"}
+                grid = (x[:8], {titles[k]: v[:8] for k, v in recon.items()}, val_set.captions[:8] if use_text else None)
+        out = {k: torch.cat(v).mean().item() for k, v in scores.items() if v}
+        if attention is not None:
+            out["text_attention"] = {k: [round(a, 4) for a in v] for k, v in attention.items()}
+        return out, grid
 
     def checkpoint(path):
         save_checkpoint({**run_state(step, spe, args, device),
@@ -490,8 +509,11 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
             grid_path = os.path.join(args.out, f"recon-{step:07d}.png")
             save_grid(grid_path, *grid)
             bar.write(f"step {step}: held-out PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}"
-                      + (f", PSNR with empty captions {scores['psnr_empty']:.2f} dB" if "psnr_empty" in scores else "")
-                      + f" | grid {grid_path}")
+                      + (f" | with another image's caption {scores['psnr_other']:.2f} dB, with an empty caption "
+                         f"{scores['psnr_empty']:.2f} dB" if use_text else "") + f" | grid {grid_path}")
+            if "text_attention" in scores:
+                bar.write("  attention to the caption per layer: " + ", ".join(
+                    f"{part} " + " ".join(f"{100 * a:.0f}%" for a in shares) for part, shares in scores["text_attention"].items()))
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "eval": scores, "grid": grid_path}) + "\n")
         if master:
