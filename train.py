@@ -319,6 +319,43 @@ def save_grid(path, x, recons, captions=None):
             f.write("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
 
 
+def plot_log(log_path, png_path):
+    """The run's curves from its log.jsonl: the training loss terms against the step and, where
+    the log has held-out evaluations, their scores (the tokenizer: PSNR with each image's own
+    caption, another image's and an empty one, so the caption's effect is a gap between lines)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = {}
+    with open(log_path) as f:
+        for line in f:  # a resumed run logs again the steps it replays: keep the last of each
+            r = json.loads(line)
+            rows[(r["step"], "eval" in r)] = r
+    train_rows = sorted((r for (_, e), r in rows.items() if not e), key=lambda r: r["step"])
+    evals = sorted((r for (_, e), r in rows.items() if e), key=lambda r: r["step"])
+    panels = [("loss", [k for k in ("loss", "l2", "lpips", "g_adv", "d") if any(r.get(k) for r in train_rows)])]
+    scores = [k for k in ("psnr", "psnr_other", "psnr_empty", "adherence") if any(k in r["eval"] for r in evals)]
+    if scores:
+        panels.append(("held-out", scores))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    names = {"psnr": "PSNR, own caption", "psnr_other": "PSNR, another image's caption",
+             "psnr_empty": "PSNR, empty caption", "adherence": "prompt adherence"}
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            src = train_rows if title == "loss" else [r["eval"] | {"step": r["step"]} for r in evals]
+            ax.plot([r["step"] for r in src if k in r], [r[k] for r in src if k in r], marker="" if title == "loss" else "o",
+                    label=names.get(k, k))
+        if title == "loss":
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
 #################################################################################
 #                                    Training                                   #
 #################################################################################
@@ -522,9 +559,10 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
 
     if master:
         ema.save_pretrained(os.path.join(args.out, "tokenizer"))
+        plot_log(log_path, os.path.join(args.out, "curves.png"))
         print(f"done. checkpoint: {ckpt_path}\n      tokenizer (EMA weights, safetensors): "
               f"{os.path.join(args.out, 'tokenizer')}\n      reconstructions: {os.path.join(args.out, f'recon-{step:07d}.png')}"
-              f"\n      log: {log_path}")
+              f"\n      log: {log_path}, curves: {os.path.join(args.out, 'curves.png')}")
 
 
 #################################################################################
@@ -718,8 +756,10 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
     bar.close()
     if master:
         ema.save_pretrained(os.path.join(args.out, "dit"), meta)
+        plot_log(log_path, os.path.join(args.out, "curves.png"))
         print(f"done. checkpoint: {ckpt_path}\n      DiT (EMA weights, safetensors): {os.path.join(args.out, 'dit')}"
-              f"\n      samples: {os.path.join(args.out, f'samples-{step:07d}.png')}\n      log: {log_path}"
+              f"\n      samples: {os.path.join(args.out, f'samples-{step:07d}.png')}\n      log: {log_path}, curves: "
+              f"{os.path.join(args.out, 'curves.png')}"
               f"\n      next: python sample.py --dit {ckpt_path}")
 
 
