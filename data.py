@@ -85,6 +85,40 @@ def caption_of(scene) -> str:
     return f"{text}, on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
 
 
+def scene_of(caption: str):
+    """The inverse of caption_of, for what a caption says: {background, objects: [{size, color,
+    shape, place, cell}]}, or None for a caption outside the built-in grammar (a prompt of your own
+    may use it too: "a large red circle at the top left, on a blue background")."""
+    import re
+    word = lambda names: "|".join(sorted(names, key=len, reverse=True))  # longest first: "top left" before "top"
+    obj = re.compile(rf"a ({word(SIZES)}) ({word(COLORS)}) ({word(SHAPES)}) (?:at|in) the ({word(PLACES)})$")
+    m = re.fullmatch(rf"(.+), on an? ({word(COLORS)}) background", caption.strip().lower())
+    if m is None:
+        return None
+    objects = []
+    for part in re.split(r", | and ", m.group(1)):
+        o = obj.match(part)
+        if o is None:
+            return None
+        objects.append(dict(size=o[1], color=o[2], shape=o[3], place=o[4], cell=PLACES.index(o[4])))
+    return dict(background=m.group(2), objects=objects)
+
+
+def render_caption(caption: str, size: int, seed: int = 0) -> Image.Image:
+    """A picture of what a built-in caption says, with what it leaves out (where in its cell
+    each object sits, its rotation and shade, the background's gradient) drawn at random as
+    make_scene draws them: real images for a prompt, as a reference for generated ones."""
+    scene = scene_of(caption)
+    if scene is None:
+        raise ValueError(f"not a caption of the built-in shapes: {caption!r}")
+    rng = np.random.default_rng(seed)
+    for o in scene["objects"]:
+        o.update(jitter=rng.uniform(-1, 1, size=2) * (1 - SIZES[o["size"]]) / 2, angle=float(rng.uniform(0, 2 * math.pi)),
+                 shade=float(rng.uniform(0.88, 1.12)))
+    scene["gradient"] = dict(angle=float(rng.uniform(0, 2 * math.pi)), amount=float(rng.uniform(0.0, 0.35)))
+    return render(scene, size)
+
+
 def render(scene, size: int) -> Image.Image:
     """Draws a scene at size x size pixels (supersampled, then box-filtered down)."""
     S = size * max(1, math.ceil(SUPERSAMPLE / size))

@@ -387,6 +387,44 @@ def clip_score(images, prompts, model_name, batch_size=32, device="cpu"):
 
 
 #################################################################################
+#                 Prompt adherence (built-in captions only)                     #
+#################################################################################
+
+def prompt_adherence(images, captions, min_share=0.03):
+    """
+    Does each image show what its built-in caption says? Every pixel is labelled with its
+    nearest named colour (data.COLORS). The background counts as right when the most common
+    label over the cells the caption leaves empty is the named background colour; an object,
+    when at least `min_share` of the pixels of its named cell (of the 3x3 grid) carry its colour
+    (a small star at 32 px covers about 5% of its cell). An image's score is the share of its
+    checks (background + each object) that pass. Returns (mean score, per-image scores); captions
+    outside the built-in grammar (data.scene_of) are skipped, with NaN as their score.
+    """
+    from data import COLORS, scene_of
+    palette = np.array(list(COLORS.values()), np.float32)  # (12, 3)
+    names = list(COLORS)
+    scores = []
+    for img, caption in zip(images, captions):
+        scene = scene_of(str(caption))
+        if scene is None:
+            scores.append(float("nan"))
+            continue
+        H, W, _ = img.shape
+        dist = ((img.astype(np.float32)[:, :, None, :] - palette) ** 2).sum(-1)  # (H, W, 12)
+        label = dist.argmin(-1)  # (H, W): index of the nearest named colour
+        rows, cols = np.arange(H) * 3 // H, np.arange(W) * 3 // W  # each pixel's cell row and column
+        cell = rows[:, None] * 3 + cols[None, :]  # (H, W) in 0..8, raster order as data.PLACES
+        used = {o["cell"] for o in scene["objects"]}
+        empty = np.isin(cell, [c for c in range(9) if c not in used])
+        checks = [np.bincount(label[empty], minlength=len(names)).argmax() == names.index(scene["background"])]
+        for o in scene["objects"]:
+            checks.append((label[cell == o["cell"]] == names.index(o["color"])).mean() >= min_share)
+        scores.append(float(np.mean(checks)))
+    scores = np.array(scores)
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan"), scores
+
+
+#################################################################################
 #                                 Commands                                      #
 #################################################################################
 
@@ -401,8 +439,12 @@ def evaluate_generation(samples, ref, inception, batch_size=64, k=3, clip_model=
         out["is"], out["is_std"] = inception_score(p_s)
     if f_r is not None:
         out["precision"], out["recall"] = precision_recall(f_r, f_s, k)
+    prompts = prompts if prompts is not None else samples.get("prompts")
+    if prompts is not None and "images" in samples:
+        adherence = prompt_adherence(samples["images"], prompts)[0]
+        if adherence == adherence:  # not NaN: some prompts are built-in captions
+            out["prompt_adherence"] = adherence
     if clip_model:
-        prompts = prompts if prompts is not None else samples.get("prompts")
         if prompts is None or "images" not in samples:
             raise ValueError("the CLIP score needs the prompts: sample.py saves them in its text-to-image .npz")
         out["clip_score"] = clip_score(samples["images"], list(prompts), clip_model, device=inception.device)
@@ -511,6 +553,9 @@ def get_args(argv=None):
     s = sub.add_parser("stats", help="compute and save a reference's statistics once")
     s.add_argument("images", help="folder or .npz (arr_0) of images")
     s.add_argument("--out", required=True, help="statistics .npz to write (mu, sigma, features)")
+    a = sub.add_parser("adherence", help="prompt adherence of text-to-image samples of built-in captions, "
+                                         "beside that of real images of the same prompts")
+    a.add_argument("samples", help=".npz written by sample.py --num-samples (arr_0 + prompts)")
     r = sub.add_parser("recon", help="rFID / rIS / PSNR / SSIM / LPIPS of a trained tokenizer")
     r.add_argument("--tokenizer", default="out/textok/tokenizer", help="folder written by train.py")
     r.add_argument("--data", default=None, help="'builtin' or an image folder (default: what the tokenizer trained on)")
@@ -527,8 +572,33 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def adherence_report(path):
+    """`adherence`: the samples' score and, as its ceiling, that of real images of the same prompts."""
+    from data import render_caption
+    src = load_source(path)
+    if "images" not in src or "prompts" not in src:
+        raise ValueError(f"{path} has no prompts: write text-to-image samples with sample.py --num-samples")
+    images, prompts = src["images"], [str(p) for p in src["prompts"]]
+    score, per_image = prompt_adherence(images, prompts)
+    if score != score:
+        raise ValueError(f"none of the prompts in {path} is a caption of the built-in shapes; adherence is only "
+                         f"defined for those (data.scene_of)")
+    real = np.stack([np.asarray(render_caption(p, images.shape[1], seed=i)) if np.isfinite(per_image[i])
+                     else np.zeros_like(images[0]) for i, p in enumerate(prompts)])
+    ceiling = float(np.nanmean(np.where(np.isfinite(per_image), prompt_adherence(real, prompts)[1], np.nan)))
+    return {"num_samples": len(images), "num_scored": int(np.isfinite(per_image).sum()),
+            "prompt_adherence": score, "real_images_of_these_prompts": ceiling}
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.command == "adherence":  # pixels only: no Inception needed
+        results = adherence_report(args.samples)
+        print(json.dumps(results, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
     inception = Inception(args.inception, args.cache_dir)
     print(f"Inception: {inception.source}" + ("" if inception.has_classifier else
           " (feature layers only: no Inception Score; pass --inception inception-2015-12-05.pt for IS)"))

@@ -165,3 +165,37 @@ def test_inception_features_separate_real_from_noised(tmp_path):
     # At 24 images FID carries a large small-sample bias (about 125 here), yet noise stands out.
     assert same["fid"] < 0.6 * other["fid"]
     assert same["num_samples"] == 24 and 0 <= other["precision"] < same["precision"] <= 1
+
+
+def test_prompt_adherence_scores_rendered_scenes_top_and_wrong_colours_low():
+    import copy
+    from data import COLORS, ShapesDataset, render
+    data = ShapesDataset(60, 32, seed=7)
+    real = np.stack([np.asarray(render(s, 32)) for s in data.scenes])
+    names = list(COLORS)
+    wrong = []  # the same scenes with every colour changed
+    for s in data.scenes:
+        t = copy.deepcopy(s)
+        t["background"] = names[(names.index(s["background"]) + 3) % len(names)]
+        for o in t["objects"]:
+            o["color"] = names[(names.index(o["color"]) + 5) % len(names)]
+        wrong.append(np.asarray(render(t, 32)))
+    top, per_image = eval_fid.prompt_adherence(real, data.captions)
+    low, _ = eval_fid.prompt_adherence(np.stack(wrong), data.captions)
+    assert top > 0.95 and low < 0.25 and per_image.shape == (60,)
+    # A caption outside the built-in grammar is skipped, not scored.
+    score, per_image = eval_fid.prompt_adherence(real[:2], [data.captions[0], "a photo of a dog"])
+    assert np.isnan(per_image[1]) and score == per_image[0]
+
+
+def test_adherence_command_reports_samples_beside_real_images_of_their_prompts(tmp_path):
+    from data import ShapesDataset, render
+    data = ShapesDataset(20, 32, seed=3)
+    flat = np.stack([np.asarray(render({**s, "objects": []}, 32)) for s in data.scenes])  # backgrounds only
+    np.savez(tmp_path / "s.npz", arr_0=flat, prompts=np.array(data.captions))
+    res = eval_fid.main(["adherence", str(tmp_path / "s.npz")])
+    assert res["num_scored"] == 20 and res["real_images_of_these_prompts"] > 0.95
+    assert 0.2 < res["prompt_adherence"] < 0.6  # the background check passes, the objects' fail
+    np.savez(tmp_path / "none.npz", arr_0=flat[:2], prompts=np.array(["a cat", "a dog"]))
+    with pytest.raises(ValueError, match="built-in"):
+        eval_fid.main(["adherence", str(tmp_path / "none.npz")])
