@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data import ShapesDataset
 from dit import DiT, Diffusion, guided
 from eval_fid import to_uint8
-from textok import TexTok, TextEncoder
+from textok import TexTok, TextEncoder, pretrained_folder
 
 #################################################################################
 #                                  Loading                                      #
@@ -37,6 +37,8 @@ from textok import TexTok, TextEncoder
 def load_dit(path, device="cpu"):
     """A DiT from a training checkpoint (its EMA weights) or an exported folder, plus what it
     was trained against: the latent normalisation and the tokenizer folder."""
+    if not os.path.exists(path):
+        path = pretrained_folder(path)  # a hub repo id ("user/name") holding an exported DiT folder
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; train one with `python train.py --stage dit` or fix --dit")
     if os.path.isdir(path):
@@ -52,6 +54,7 @@ def load_dit(path, device="cpu"):
 def load_tokenizer(path, meta, device="cpu"):
     """The tokenizer the DiT was trained on; a different one is a clear error (its latents would
     mean nothing to the DiT)."""
+    path = pretrained_folder(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path} not found; pass --tokenizer (train.py writes out/textok/tokenizer)")
     tok = TexTok.from_pretrained(path, device).eval()

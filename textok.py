@@ -585,7 +585,10 @@ class TexTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str, device="cpu") -> "TexTok":
+        """A folder written by save_pretrained, or a Hugging Face hub repo id ("user/name") holding
+        one (fetched once, then read from the hub's cache, offline too)."""
         from safetensors.torch import load_file
+        folder = pretrained_folder(folder)
         cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
         for path in (cfg_path, weights):
             if not os.path.isfile(path):
@@ -597,6 +600,21 @@ class TexTok(nn.Module):
         model = cls(TexTokConfig(**{k: v for k, v in raw.items() if k in known}))
         model.load_state_dict(load_file(weights, device=str(device)))
         return model.to(device)
+
+
+def pretrained_folder(name: str) -> str:
+    """`name` itself when it is a folder; else a Hugging Face hub repo id, whose config.json and
+    model.safetensors are fetched into the hub's cache (or found there) and that folder returned.
+    Share a trained folder with `hf upload USER/NAME out/textok/tokenizer`."""
+    if os.path.isdir(name) or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return name  # a folder, or a path that does not exist: the caller's error names it
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:
+        raise FileNotFoundError(f"{name} is not a local folder, and the Hugging Face hub could not give it "
+                                f"({e.__class__.__name__}); offline, pass a folder that train.py wrote (e.g. "
+                                f"out/textok/tokenizer), or fetch {name} once while online") from None
 
 
 #################################################################################

@@ -372,3 +372,21 @@ def test_text_attention_share_counts_exactly_the_caption_keys():
     # Where the text does not enter in context, there is nothing to measure.
     assert TexTok(tiny(text_in="tokenizer")).text_attention(x, text, mask)["detokenizer"] == []
     assert TexTok(tiny(text_mode="cross-attn")).text_attention(x, text, mask) == {"tokenizer": [], "detokenizer": []}
+
+
+def test_from_pretrained_takes_a_hub_repo_id_from_the_hub_cache(tmp_path, monkeypatch):
+    # The hub's cache layout: models--USER--NAME/refs/main names a snapshot folder. With the
+    # hub offline (conftest), a repo id resolves from there; an unknown one is a clear error.
+    import huggingface_hub.constants
+    model = TexTok(tiny()).eval()
+    snapshot = tmp_path / "models--someone--tiny-textok" / "snapshots" / "0123abcd"
+    model.save_pretrained(str(snapshot))
+    (tmp_path / "models--someone--tiny-textok" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-textok" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    loaded = TexTok.from_pretrained("someone/tiny-textok").eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    text, mask, _ = cond_inputs(model.cfg, B=1)
+    torch.testing.assert_close(loaded(x, text, mask, sample=False)[0], model(x, text, mask, sample=False)[0])
+    with pytest.raises(FileNotFoundError, match="not a local folder.*offline"):
+        TexTok.from_pretrained("someone/not-there")
