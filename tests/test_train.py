@@ -131,3 +131,25 @@ def test_folder_data_keeps_each_image_with_its_own_caption(tmp_path):
     train.main(tiny_args(tmp_path / "out", tmp_path / "cache", "--data", str(root), "--captions",
                          str(tmp_path / "caps.jsonl"), "--steps", "2", "--batch-size", "4"))
     assert load(tmp_path / "out")["step"] == 2
+
+
+def test_every_evaluation_measures_how_much_the_caption_is_used(tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(out, tmp_path / "cache", "--steps", "2", "--eval-every", "2", "--disc-start", "100"))
+    with open(out / "log.jsonl") as f:
+        ev = [r for r in map(json.loads, f) if "eval" in r][-1]["eval"]
+    # PSNR with each image's own caption, the next image's and an empty one: three different numbers
+    assert len({round(ev[k], 6) for k in ("psnr", "psnr_other", "psnr_empty")}) == 3
+    # attention to the caption, per layer of each ViT (TexTok-T: 4 + 4), as shares
+    assert [len(ev["text_attention"][k]) for k in ("tokenizer", "detokenizer")] == [4, 4]
+    assert all(0 < a < 1 for k in ev["text_attention"] for a in ev["text_attention"][k])
+    # the grid: input, recon, next row's caption, empty caption, error; the row captions beside it
+    from PIL import Image
+    grid = Image.open(out / "recon-0000002.png")
+    assert grid.width == 5 * 160  # five 16 px columns at x10
+    assert (out / "recon-0000002.txt").read_text().startswith("row 0: a ")
+    assert (out / "curves.png").is_file()
+    # The no-text baseline has no caption to change: only its own PSNR.
+    train.main(tiny_args(tmp_path / "base", tmp_path / "cache", "--steps", "2", "--eval-every", "2", "--text-in", "none"))
+    with open(tmp_path / "base" / "log.jsonl") as f:
+        assert set([r for r in map(json.loads, f) if "eval" in r][-1]["eval"]) == {"psnr", "ssim"}
