@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import ShapesDataset
 from dit import DiT, Diffusion, guided
-from eval_fid import to_uint8
+from eval_fid import prompt_adherence, to_uint8
 from textok import TexTok, TextEncoder, pretrained_folder
 
 #################################################################################
@@ -265,7 +265,8 @@ def main(argv=None):
     elif master:
         # ---- a PNG grid: one row per prompt / class ----
         items = conditions(args.per_row)
-        imgs = torch.from_numpy(run(items, args.seed)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = run(items, args.seed)  # (rows * per_row, H, W, 3) uint8
+        imgs = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         rows = list(imgs.view(len(labels), args.per_row, *imgs.shape[1:]))
         path = args.out or os.path.join(out_dir, "samples.png")
         save_image_grid(path, rows)
@@ -273,6 +274,11 @@ def main(argv=None):
             for row in range(len(labels)):
                 f.write((f"class {labels[row]}" if not t2i else prompts[row]) + "\n")
         print(f"wrote a {len(rows)} x {args.per_row} grid to {path} (rows listed in {os.path.splitext(path)[0]}.txt)")
+        if t2i:  # built-in prompts: does each sample show what its prompt names? (eval_fid.prompt_adherence)
+            score = prompt_adherence(images, [c[1] for c in items])[0]
+            if score == score:
+                print(f"prompt adherence {score:.3f} (named background right, each named object's colour in its "
+                      f"cell; real images score about 0.99)")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

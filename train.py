@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import ShardedSampler, load_splits
-from eval_fid import psnr, ssim, to_uint8
+from eval_fid import prompt_adherence, psnr, ssim, to_uint8
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
                     kl_loss, l2_loss, make_config)
@@ -682,13 +682,14 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
     spe = sampler.steps_per_epoch
     all_labels = torch.tensor(labels) if labels is not None else None
 
-    def sample_grid(path):
-        """Rows of held-out conditions: the held-out image, then 4 samples from the EMA DiT
-        (T2I: that image's caption; class: its class, decoded with other held-out captions of it)."""
-        rows, g = [], torch.Generator().manual_seed(args.seed)
-        for i in range(min(6, len(val_set))):
-            ref = val_set[i][0][None].to(device)
-            k = 4
+    def sample_grid(path, rows_shown=6, rows_scored=16, k=4):
+        """Rows of held-out conditions: the held-out image, then k samples from the EMA DiT
+        (T2I: that image's caption; class: its class, decoded with other held-out captions of it).
+        For T2I on built-in captions, also the prompt adherence of the samples of `rows_scored`
+        held-out captions (eval_fid.prompt_adherence). Returns the scores logged."""
+        rows, images, prompts, g = [], [], [], torch.Generator().manual_seed(args.seed)
+        scored = rows_scored if dit_cond == "text" and args.data == "builtin" else rows_shown
+        for i in range(min(scored, len(val_set))):
             y = text = mask = dec = dec_mask = None
             if dit_cond == "class":
                 y = torch.full((k,), val_set.labels[i], device=device)
@@ -700,9 +701,15 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
             if tok_text:  # T2I decodes with the caption it generated from
                 dec, dec_mask = (text, mask) if text is not None else fetch_text(val_text, dec_rows, device)
             x = generate(ema, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.sample_steps, "ddim",
-                         0.0, g, device, autocast)
-            rows.append(torch.cat([ref.float(), x]))
+                         0.0, g, device, autocast)  # (k, 3, H, W)
+            if i < rows_shown:
+                rows.append(torch.cat([val_set[i][0][None].to(device).float(), x]))
+            images.append(to_uint8(x))
+            prompts += [val_set.captions[i]] * k
         save_image_grid(path, rows, ["held-out", "samples ->"])
+        if scored == rows_scored:
+            return {"adherence": prompt_adherence(np.concatenate(images), prompts)[0]}
+        return {}
 
     def checkpoint(path):
         save_checkpoint({**run_state(step, spe, args, device), "model": raw_model.state_dict(),
@@ -749,8 +756,11 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
             bar.update(1)
         if master and (step % args.eval_every == 0 or step == args.steps):
             grid_path = os.path.join(args.out, f"samples-{step:07d}.png")
-            sample_grid(grid_path)
-            bar.write(f"step {step}: sample grid {grid_path}")
+            scores = sample_grid(grid_path)
+            bar.write(f"step {step}: sample grid {grid_path}" + (f" | prompt adherence {scores['adherence']:.3f} "
+                      f"(real images score about 0.99)" if scores else ""))
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "eval": scores, "grid": grid_path}) + "\n")
         if master:
             save_due(step, args, checkpoint, ckpt_path)
     bar.close()
