@@ -129,7 +129,7 @@ def evaluate_run(folder, args, seed):
     """Held-out metrics of a trained run: eval_fid.py's reconstruction metrics with each image's
     own caption (rFID too), and PSNR with the next image's caption and with an empty one."""
     from data import load_splits
-    from eval_fid import Inception, evaluate_reconstruction
+    from eval_fid import Inception, Stats, evaluate_reconstruction
     from textok import LPIPS, TexTok, TextEncoder
     tok = TexTok.from_pretrained(os.path.join(folder, "tokenizer")).eval()
     _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
@@ -140,7 +140,9 @@ def evaluate_run(folder, args, seed):
     if tok.cfg.text_in != "none":
         key = (tok.cfg.text_encoder, tok.cfg.text_len)
         encoder = _eval_tools.get(key) or _eval_tools.setdefault(key, TextEncoder(*key))
-    own = evaluate_reconstruction(tok, held_out, _eval_tools["inception"], encoder, 64, (), _eval_tools["lpips"])
+    real = _eval_tools.setdefault(("real", seed), Stats())  # the originals' Inception statistics, once per seed
+    own = evaluate_reconstruction(tok, held_out, _eval_tools["inception"], encoder, 64, (), _eval_tools["lpips"],
+                                  real_stats=real)
     result = {k: own["captions"][k] for k in METRICS}
     if encoder is not None:  # the caption tests: PSNR only (no Inception), so they cost little
         tests = evaluate_reconstruction(tok, held_out, None, encoder, 64, ("other", "empty"))

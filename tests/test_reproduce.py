@@ -79,3 +79,20 @@ def test_summary_means_stds_and_paired_gains():
     # gains seed by seed: rFID (100-80)/100 = 20% and (120-60)/120 = 50%; PSNR +1 and +2 dB
     assert rows["both"]["rfid_gain"] == pytest.approx(35.0) and rows["both"]["rfid_gain_std"] == pytest.approx(450 ** 0.5)
     assert rows["both"]["psnr_gain"] == pytest.approx(1.5) and "rfid_gain" not in rows["none"]
+
+
+def test_runs_on_a_captioned_folder(tmp_path):
+    from PIL import Image
+    root, lines = tmp_path / "imgs", []
+    os.makedirs(root)
+    for i in range(24):
+        Image.new("RGB", (24, 20), (10 * i, 200 - 5 * i, 90)).save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file": f"{i:02d}.png", "caption": f"a flat colour, shade {i}"}))
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    out = reproduce.main(["--data", str(root), "--captions", str(tmp_path / "caps.jsonl"), "--tokens", "1",
+                          "--seeds", "0", "--ablation-tokens", "0", "--steps", "1", "--image-size", "16",
+                          "--eval-images", "2", "--batch-size", "4", "--jobs", "1", "--out", str(tmp_path / "sweep"),
+                          "--cache-dir", str(tmp_path / "cache"), "--train-flags", "--text-len 16"])
+    # A folder's summary goes beside its runs (docs/results holds the built-in sweep's).
+    assert (tmp_path / "sweep" / "table1.json").is_file() and len(out["runs"]) == 2
+    assert all(r["eval_images"] == 2 and r["rfid"] >= 0 for r in out["runs"])
