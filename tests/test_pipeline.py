@@ -78,6 +78,27 @@ def test_tokenizer_to_dit_to_samples(workdir, tmp_path, cond):
                  "--out", str(npz)])
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
+    # The DiT's training log holds a prompt adherence per evaluation for T2I on built-in captions.
+    with open(out / "log.jsonl") as f:
+        evals = [r["eval"] for r in map(json.loads, f) if "eval" in r]
+    assert evals and all((0 <= e["adherence"] <= 1) if cond == "text" else e == {} for e in evals)
+
+
+def test_sample_takes_hub_repo_ids_from_the_hub_cache(workdir, tmp_path, monkeypatch):
+    # An exported DiT folder and its tokenizer, laid out as the Hugging Face hub's cache holds
+    # them, load by repo id (the hub is offline in the tests; conftest).
+    import shutil
+    import huggingface_hub.constants
+    train.main(dit_args(workdir, tmp_path / "dit", "--steps", "1", "--eval-every", "1000"))
+    for repo, folder in (("someone--dit", tmp_path / "dit" / "dit"), ("someone--tok", workdir / "tok" / "tokenizer")):
+        shutil.copytree(folder, tmp_path / "hub" / f"models--{repo}" / "snapshots" / "abc")
+        (tmp_path / "hub" / f"models--{repo}" / "refs").mkdir()
+        (tmp_path / "hub" / f"models--{repo}" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    grid = tmp_path / "hub.png"
+    sample.main(["--dit", "someone/dit", "--tokenizer", "someone/tok", "--steps", "2", "--per-row", "2",
+                 "--prompt", "a small red star at the top left, on a white background", "--out", str(grid)])
+    assert grid.is_file()
 
 
 def test_latent_cache_is_computed_once(workdir, tmp_path):
