@@ -171,11 +171,19 @@ def run_one(run, args, threads):
 
 
 def read_result(args, run):
-    path = os.path.join(args.out, run["name"], "result.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+    """A finished run's result.json, with the attention its last evaluation in train.py gave to
+    the caption (mean over layers, from its log.jsonl); None for an unfinished run."""
+    folder = os.path.join(args.out, run["name"])
+    if not os.path.isfile(os.path.join(folder, "result.json")):
+        return None
+    with open(os.path.join(folder, "result.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        evals = [r["eval"] for r in map(json.loads, f) if "eval" in r]
+    for part, shares in (evals[-1].get("text_attention", {}) if evals else {}).items():
+        if shares:
+            result[f"attention_{part}"] = sum(shares) / len(shares)
+    return result
 
 
 #################################################################################
@@ -201,7 +209,7 @@ def summarise(runs):
     summary = []
     for (n, v), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
         row = {"num_tokens": n, "text_in": v, "seeds": sorted(r["seed"] for r in rs)}
-        for k in (*METRICS, "psnr_other", "psnr_empty"):
+        for k in (*METRICS, "psnr_other", "psnr_empty", "attention_tokenizer", "attention_detokenizer"):
             row[k], row[f"{k}_std"] = mean_std([r.get(k) for r in rs])
         if v != "none" and (n, "none") in rows:
             base = {r["seed"]: r for r in rows[(n, "none")]}
@@ -233,16 +241,21 @@ def markdown(summary, args, minutes):
                   "| text in | rFID | PSNR | SSIM | LPIPS |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['text_in']} | {fmt(r, 'rfid', 1)} | {fmt(r, 'psnr', 2)} | {fmt(r, 'ssim', 3)} | {fmt(r, 'lpips', 3)} |"
                   for r in ablation]
-    lines += ["", "How much TexTok uses the caption (held-out PSNR, dB):", "",
-              "| # tokens | text in | own caption | next image's caption | empty caption |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['num_tokens']} | {r['text_in']} | {fmt(r, 'psnr', 2)} | {fmt(r, 'psnr_other', 2)} | {fmt(r, 'psnr_empty', 2)} |"
+    lines += ["", "How much TexTok uses the caption: held-out PSNR (dB) with each image's own caption, the next "
+                  "image's and an empty one; the share of attention the image side gives to the caption (mean over "
+                  "layers):", "",
+              "| # tokens | text in | own caption | next image's caption | empty caption | attention, tokenizer | "
+              "attention, detokenizer |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    pct = lambda r, k: "" if r.get(k) is None else f"{100 * r[k]:.0f}% ± {100 * r[f'{k}_std']:.0f}"
+    lines += [f"| {r['num_tokens']} | {r['text_in']} | {fmt(r, 'psnr', 2)} | {fmt(r, 'psnr_other', 2)} | "
+              f"{fmt(r, 'psnr_empty', 2)} | {pct(r, 'attention_tokenizer')} | {pct(r, 'attention_detokenizer')} |"
               for r in summary if r["text_in"] != "none"]
     hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU, {args.jobs} run(s) at a time"
     seeds = len(args.seeds)
     lines += ["", f"Mean ± standard deviation over {seeds} seed(s); gains are TexTok against the baseline of the same "
                   f"seed. {args.model}, {args.image_size} px, patch {args.patch_size}, {args.steps} steps of batch "
                   f"{args.batch_size}, LPIPS weight {args.lpips_weight}; {args.eval_images} held-out images per run (rFID "
-                  f"at this count is not comparable with 50k-image numbers). {hw}: {minutes:.0f} minutes of runs."]
+                  f"at this count is not comparable with 50k-image numbers). {hw}: {minutes:.0f} minutes of training in all."]
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +333,7 @@ def report(args, runs, command):
         return None
     os.makedirs(args.results, exist_ok=True)
     summary = summarise(results)
-    minutes = sum(r["train_seconds"] for r in results) / 60 / args.jobs
+    minutes = sum(r["train_seconds"] for r in results) / 60
     md = markdown(summary, args, minutes)
     out = {"command": command, "settings": sweep_settings(args), "seeds": args.seeds, "runs": results, "summary": summary}
     with open(os.path.join(args.results, "table1.json"), "w") as f:
