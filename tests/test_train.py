@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A run small enough for a CPU test: 16 px shapes, a 2+2-layer TexTok, every loss switched on.
 TINY = ["--image-size", "16", "--patch-size", "4", "--num-tokens", "8", "--text-len", "32",
-        "--num-images", "64", "--val-images", "8", "--batch-size", "8", "--num-workers", "0",
+        "--num-images", "64", "--val-images", "8", "--batch-size", "8", "--num-workers", "0", "--lpips-weight", "0.1",
         "--disc-start", "2", "--disc-channel-base", "128", "--disc-channel-max", "16",
         "--warmup-steps", "2", "--log-every", "1", "--eval-every", "1000", "--save-every", "1000"]
 
