@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, folder_labels, list_images, load_rgb
+from files import MissingFile, UserError, run_main
 
 PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
           "and positions, and the background. Answer with the description only.")
@@ -46,10 +47,10 @@ def find_images(root):
     """Relative paths of every image under root, sorted, and their labels (class folder index, or
     None per file for a flat folder): the same listing and labels as data.CaptionedImages."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root} does not exist; fix the DATA argument")
+        raise MissingFile(f"image folder {root} does not exist; fix the DATA argument")
     files = list_images(root)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
     return files, folder_labels(files) or [None] * len(files)
 
 
@@ -110,10 +111,10 @@ class Captioner:
             self.processor = AutoProcessor.from_pretrained(name)
             self.model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(self.device).eval()
         except Exception as e:
-            raise RuntimeError(f"could not load the vision-language model {name!r} ({e.__class__.__name__}: "
-                               f"{str(e).splitlines()[0][:200]}); pass --model with a Hugging Face name or local "
-                               f"folder that AutoModelForImageTextToText loads, e.g. "
-                               f"HuggingFaceTB/SmolVLM-256M-Instruct or Salesforce/blip-image-captioning-large") from None
+            raise MissingFile(f"could not load the vision-language model {name!r} ({e.__class__.__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); pass --model with a Hugging Face name or local "
+                              f"folder that AutoModelForImageTextToText loads, e.g. "
+                              f"HuggingFaceTB/SmolVLM-256M-Instruct or Salesforce/blip-image-captioning-large") from None
         self.chat = getattr(self.processor, "chat_template", None) is not None
         tok = getattr(self.processor, "tokenizer", None)
         if self.chat and tok is not None:
@@ -148,7 +149,7 @@ def caption_folder(args, rank=0, world=1):
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         if not 0 <= i < n:
-            raise ValueError(f"--shard {args.shard}: expected i/n with 0 <= i < n")
+            raise UserError(f"--shard {args.shard}: expected i/n with 0 <= i < n")
     else:
         i, n = rank, world
     path = args.out if n == 1 else f"{args.out}.shard-{i}-of-{n}"
@@ -193,7 +194,7 @@ def holdout(path, fraction, seed=0):
             if line.strip():
                 r = json.loads(line)
                 if "label" not in r:
-                    raise ValueError(f"{path}:{n}: no 'label'; holding out captions per class needs class labels")
+                    raise UserError(f"{path}:{n}: no 'label'; holding out captions per class needs class labels")
                 rows.append(r)
     rng = np.random.default_rng(seed)
     by_class = {}
@@ -202,7 +203,7 @@ def holdout(path, fraction, seed=0):
     unseen = set()
     for label, ks in by_class.items():
         if len(ks) < 2:
-            raise ValueError(f"{path}: class {label} has {len(ks)} caption(s); holding one out would leave none to train on")
+            raise UserError(f"{path}: class {label} has {len(ks)} caption(s); holding one out would leave none to train on")
         take = min(len(ks) - 1, max(1, round(fraction * len(ks))))
         unseen.update(rng.choice(ks, size=take, replace=False).tolist())
     stem = os.path.splitext(path)[0]
@@ -239,7 +240,7 @@ def main(argv=None):
         print(f"held out {n} caption(s) into {unseen_path} (for sample.py --class-captions); train on {train_path}")
         return
     if args.data is None:
-        raise ValueError("pass the image folder to caption (or --holdout CAPTIONS)")
+        raise UserError("pass the image folder to caption (or --holdout CAPTIONS)")
     if args.merge:
         n = merge(args.out, sorted(glob.glob(args.out + ".shard-*-of-*")))
         print(f"merged into {args.out}: {n} captions")
@@ -263,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

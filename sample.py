@@ -27,6 +27,7 @@ from tqdm import tqdm
 from data import ShapesDataset
 from dit import DiT, Diffusion, guided
 from eval_fid import prompt_adherence, to_uint8
+from files import MissingFile, UserError, run_main
 from textok import TexTok, TextEncoder, pretrained_folder
 
 #################################################################################
@@ -40,12 +41,12 @@ def load_dit(path, device="cpu"):
     if not os.path.exists(path):
         path = pretrained_folder(path)  # a hub repo id ("user/name") holding an exported DiT folder
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; train one with `python train.py --stage dit` or fix --dit")
+        raise MissingFile(f"{path} not found; train one with `python train.py --stage dit` or fix --dit")
     if os.path.isdir(path):
         return DiT.from_pretrained(path, device)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "dit_meta" not in ckpt:
-        raise ValueError(f"{path} is not a DiT checkpoint (no 'dit_meta'); pass out/dit/ckpt-latest.pt")
+        raise UserError(f"{path} is not a DiT checkpoint (no 'dit_meta'); pass out/dit/ckpt-latest.pt")
     model = DiT(DiT.config_from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval(), ckpt["dit_meta"]
@@ -56,20 +57,20 @@ def load_tokenizer(path, meta, device="cpu"):
     mean nothing to the DiT)."""
     path = pretrained_folder(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder {path} not found; pass --tokenizer (train.py writes out/textok/tokenizer)")
+        raise MissingFile(f"tokenizer folder {path} not found; pass --tokenizer (train.py writes out/textok/tokenizer)")
     tok = TexTok.from_pretrained(path, device).eval()
     want = meta["tokenizer_config"]
     for key in ("num_tokens", "token_dim", "text_encoder", "image_size"):
         if getattr(tok.cfg, key) != want[key]:
-            raise ValueError(f"tokenizer {path} has {key}={getattr(tok.cfg, key)!r} but the DiT was trained on "
-                             f"{key}={want[key]!r}; pass the --tokenizer it was trained with ({meta['tokenizer']})")
+            raise UserError(f"tokenizer {path} has {key}={getattr(tok.cfg, key)!r} but the DiT was trained on "
+                            f"{key}={want[key]!r}; pass the --tokenizer it was trained with ({meta['tokenizer']})")
     return tok
 
 
 def load_class_captions(path):
     """{label: [captions]} from a JSON-lines file of {"label": int, "caption": str}."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"class caption file {path} not found; fix --class-captions")
+        raise MissingFile(f"class caption file {path} not found; fix --class-captions")
     out = {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -78,7 +79,7 @@ def load_class_captions(path):
                     r = json.loads(line)
                     out.setdefault(int(r["label"]), []).append(str(r["caption"]))
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    raise ValueError(f"{path}:{n}: not a JSON object with an int 'label' and a 'caption'") from None
+                    raise UserError(f"{path}:{n}: not a JSON object with an int 'label' and a 'caption'") from None
     return out
 
 
@@ -185,32 +186,32 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     if t2i:
         if args.class_id is not None:
-            raise ValueError(f"{args.dit} is a text-to-image DiT; pass --prompt or --prompts-file, not --class-id")
+            raise UserError(f"{args.dit} is a text-to-image DiT; pass --prompt or --prompts-file, not --class-id")
         prompts = list(args.prompt or [])
         if args.prompts_file:
             with open(args.prompts_file) as f:
                 prompts += [line.strip() for line in f if line.strip()]
         if not prompts:  # default: unseen captions of the built-in shapes
             if meta["data"] != "builtin":
-                raise ValueError("this DiT was trained on your own data: pass --prompt or --prompts-file")
+                raise UserError("this DiT was trained on your own data: pass --prompt or --prompts-file")
             prompts = ShapesDataset(8, 8, seed=UNSEEN_SEED).captions
         labels = [None] * len(prompts)
         dec_captions = prompts
     else:
         if args.prompt or args.prompts_file:
-            raise ValueError(f"{args.dit} is a class-conditional DiT; pass --class-id, not --prompt")
+            raise UserError(f"{args.dit} is a class-conditional DiT; pass --class-id, not --prompt")
         classes = args.class_id if args.class_id is not None else list(range(min(8, meta["num_classes"])))
         bad = [c for c in classes if not 0 <= c < meta["num_classes"]]
         if bad:
-            raise ValueError(f"--class-id {bad[0]} is outside this DiT's classes 0..{meta['num_classes'] - 1}")
+            raise UserError(f"--class-id {bad[0]} is outside this DiT's classes 0..{meta['num_classes'] - 1}")
         if tok_text and args.class_captions is None and meta["data"] != "builtin":
-            raise ValueError("a class-conditional DiT on a text-conditioned tokenizer needs unseen captions per "
-                             "class for decoding: pass --class-captions FILE.jsonl ({label, caption} lines)")
+            raise UserError("a class-conditional DiT on a text-conditioned tokenizer needs unseen captions per "
+                            "class for decoding: pass --class-captions FILE.jsonl ({label, caption} lines)")
         pool = (load_class_captions(args.class_captions) if args.class_captions
                 else builtin_class_captions() if tok_text else {})
         missing = [c for c in classes if tok_text and not pool.get(c)]
         if missing:
-            raise ValueError(f"no captions for class {missing[0]} in {args.class_captions or 'the built-in list'}")
+            raise UserError(f"no captions for class {missing[0]} in {args.class_captions or 'the built-in list'}")
         labels, prompts, dec_captions = classes, [None] * len(classes), [None] * len(classes)
 
     def conditions(n_per):
@@ -285,4 +286,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

