@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, folder_labels, list_images, load_rgb
-from files import MissingFile, UserError, run_main
+from files import MissingFile, UserError, atomic_write, run_main
 
 PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
           "and positions, and the background. Answer with the description only.")
@@ -84,11 +84,16 @@ def merge(out, parts):
                     if line.strip():
                         r = json.loads(line)
                         rows.setdefault(r["file"], r)
-    with open(out + ".tmp", "w") as f:
-        for k in sorted(rows):
-            f.write(json.dumps(rows[k]) + "\n")
-    os.replace(out + ".tmp", out)
+    write_jsonl(out, [rows[k] for k in sorted(rows)])
     return len(rows)
+
+
+def write_jsonl(path, rows):
+    """A JSON-lines file, one object per line, written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    atomic_write(path, write)
 
 
 def truncate_words(text, n):
@@ -208,13 +213,8 @@ def holdout(path, fraction, seed=0):
         unseen.update(rng.choice(ks, size=take, replace=False).tolist())
     stem = os.path.splitext(path)[0]
     train_path, unseen_path = f"{stem}-train.jsonl", f"{stem}-unseen.jsonl"
-    with open(train_path, "w") as f:
-        for k, r in enumerate(rows):
-            if k not in unseen:
-                f.write(json.dumps(r) + "\n")
-    with open(unseen_path, "w") as f:
-        for k in sorted(unseen):
-            f.write(json.dumps({"label": rows[k]["label"], "caption": rows[k]["caption"]}) + "\n")
+    write_jsonl(train_path, [r for k, r in enumerate(rows) if k not in unseen])
+    write_jsonl(unseen_path, [{"label": rows[k]["label"], "caption": rows[k]["caption"]} for k in sorted(unseen)])
     return train_path, unseen_path, len(unseen)
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import MissingFile, UserError
+from files import MissingFile, UserError, atomic_write, write_json
 
 
 @dataclass
@@ -295,11 +295,9 @@ class DiT(nn.Module):
         """meta: plain data the DiT cannot be used without (latent mean/std, the tokenizer)."""
         from safetensors.torch import save_file
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, "model.safetensors.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp)
-        os.replace(tmp, os.path.join(folder, "model.safetensors"))  # atomic: never half-written
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({"config": asdict(self.cfg), "meta": meta}, f, indent=2)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp))  # never half-written
+        write_json(os.path.join(folder, "config.json"), {"config": asdict(self.cfg), "meta": meta})
 
     @classmethod
     def from_pretrained(cls, folder: str, device="cpu"):

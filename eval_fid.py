@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGE_EXTS
-from files import MissingFile, UserError, run_main
+from files import MissingFile, UserError, atomic_write, run_main, write_json
 
 #################################################################################
 #                      Pixel metrics: PSNR, SSIM (also train.py's)              #
@@ -237,8 +237,7 @@ class Inception:
         if module is None and download:
             try:
                 os.makedirs(cache_dir, exist_ok=True)
-                torch.hub.download_url_to_file(INCEPTION_URL, cached + ".tmp", progress=True)
-                os.replace(cached + ".tmp", cached)
+                atomic_write(cached, lambda tmp: torch.hub.download_url_to_file(INCEPTION_URL, tmp, progress=True))
                 module, self.source = load_torchscript(cached), cached
             except Exception as e:  # offline, blocked, disk full, ...
                 tried.append(f"download {INCEPTION_URL}: {e.__class__.__name__}")
@@ -354,12 +353,14 @@ def features_of(src, inception, batch_size, desc):
 
 def save_stats(path, mu, sigma, feats=None):
     """mu, sigma (ADM's names) and the features (fp16) for precision/recall; written atomically."""
-    tmp = path + ".tmp.npz"
     arrays = dict(mu=mu, sigma=sigma)
     if feats is not None:
         arrays["features"] = feats.astype(np.float16)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
+            np.savez(f, **arrays)
+    atomic_write(path, write)
 
 
 def clip_score(images, prompts, model_name, batch_size=32, device="cpu"):
@@ -597,8 +598,7 @@ def main(argv=None):
         results = adherence_report(args.samples)
         print(json.dumps(results, indent=2))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json(args.json, results)
         return results
     inception = Inception(args.inception, args.cache_dir)
     print(f"Inception: {inception.source}" + ("" if inception.has_classifier else
@@ -632,8 +632,7 @@ def main(argv=None):
             results["files"] = [data.dataset.files[i] for i in data.indices]
     print(json.dumps(results, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return results
 
 

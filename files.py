@@ -1,10 +1,15 @@
 """
-Files in and out, for every script: a bad file or flag is one line that names it and the fix.
-It imports nothing of the project, so any file can use it.
+Files in and out, for every script: nothing is ever half-written, and a bad file or flag is one
+line that names it and the fix. It imports nothing of the project, so any file can use it.
 
     UserError        a problem with what the user gave (a flag, a file); the scripts print its
                      message as one line, `error: ...`, and exit with status 2 (run_main)
+    atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
+                     a full disk says so, names the file, and leaves no temp file behind
 """
+import errno
+import json
+import os
 import sys
 
 
@@ -18,6 +23,10 @@ class MissingFile(UserError, FileNotFoundError):
     """A file, folder or model that is not where the user said (or not reachable offline)."""
 
 
+class DiskFull(UserError, OSError):
+    """A write that ran out of space; the file written keeps its previous content."""
+
+
 def run_main(main):
     """A script's entry point: runs main(); a UserError becomes `error: <message>` on stderr and
     exit status 2 (argparse's status for bad flags), without a traceback."""
@@ -27,3 +36,39 @@ def run_main(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+
+#################################################################################
+#                                    Writing                                    #
+#################################################################################
+
+def atomic_write(path: str, write, shared: bool = False) -> None:
+    """
+    write(tmp) writes the new content into the temporary path `tmp` beside `path`; it is then
+    flushed to the disk (fsync, so a power cut after the rename cannot leave an empty file) and
+    renamed over `path` (atomic on POSIX). Any failure, Ctrl-C included, removes the temporary
+    file and leaves `path` as it was; a full disk is a DiskFull naming the file. A kill -9 can
+    leave the temporary file, which the next write of `path` replaces; with shared=True (a
+    cache that other processes may be filling at the same moment) each process writes its own.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp" if shared else f"{path}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # ENOSPC from Python's file writes; safetensors' writer (Rust) says it in its message only.
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            raise DiskFull(f"no space left on the device to write {path} (the previous file, if any, is kept); "
+                           f"free some space or point the output elsewhere") from None
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    """A JSON file, written atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)

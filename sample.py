@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data import ShapesDataset
 from dit import DiT, Diffusion, guided
 from eval_fid import prompt_adherence, to_uint8
-from files import MissingFile, UserError, run_main
+from files import MissingFile, UserError, atomic_write, run_main
 from textok import TexTok, TextEncoder, pretrained_folder
 
 #################################################################################
@@ -258,10 +258,12 @@ def main(argv=None):
             for r, part in enumerate(parts):
                 arr[r::world] = part
             path = args.out or os.path.join(out_dir, f"samples-{args.num_samples}.npz")
-            tmp = path + ".tmp.npz"
             extra = {"prompts": np.array([c[1] for c in every])} if t2i else {"labels": np.array([c[0] for c in every])}
-            np.savez(tmp, arr_0=arr, **extra)  # prompts: what eval_fid.py's CLIP score compares against
-            os.replace(tmp, path)
+
+            def write(tmp):
+                with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
+                    np.savez(f, arr_0=arr, **extra)  # prompts: what eval_fid.py's CLIP score compares against
+            atomic_write(path, write)
             print(f"wrote {arr.shape[0]} images {arr.shape[1:]} uint8 to {path}")
     elif master:
         # ---- a PNG grid: one row per prompt / class ----

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import MissingFile, UserError
+from files import MissingFile, UserError, atomic_write, write_json
 
 
 #################################################################################
@@ -579,11 +579,8 @@ class TexTok(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(folder, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = os.path.join(folder, "model.safetensors.tmp")
-        save_file(state, tmp)
-        os.replace(tmp, os.path.join(folder, "model.safetensors"))  # atomic: never half-written
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(asdict(self.cfg), f, indent=2)
+        atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp))  # never half-written
+        write_json(os.path.join(folder, "config.json"), asdict(self.cfg))
 
     @classmethod
     def from_pretrained(cls, folder: str, device="cpu") -> "TexTok":

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import ShardedSampler, load_splits
 from eval_fid import prompt_adherence, psnr, ssim, to_uint8
-from files import MissingFile, UserError, run_main
+from files import MissingFile, UserError, atomic_write, run_main, write_json
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
                     kl_loss, l2_loss, make_config)
@@ -162,10 +162,10 @@ def text_cache(captions, encoder_name, text_len, cache_dir, device, rank):
         encoder = TextEncoder(encoder_name, text_len, device)
         emb, mask = encoder.encode_all(captions)
         for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):
-            tmp = f"{path}.{os.getpid()}.tmp"  # atomic, and two runs filling one cache never share a file
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, path)
+            def write(tmp, arr=arr):
+                with open(tmp, "wb") as f:  # a file, not a name: np.save would add ".npy" to the name
+                    np.save(f, arr)
+            atomic_write(path, write, shared=True)  # two runs may be filling one cache
         del encoder
     if dist.is_initialized():
         dist.barrier()
@@ -220,11 +220,12 @@ def adamw(model, lr, args, device):
 
 
 def save_checkpoint(state, path):
-    """Atomic: write a temporary file, then rename over the old one. A crash mid-write leaves the
-    previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic (files.atomic_write): a crash or a full disk mid-write leaves the previous checkpoint
+    intact and no temporary file."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through a Python file, so that a full disk is an OSError(ENOSPC)
+            torch.save(state, f)
+    atomic_write(path, write)
 
 
 def load_for_resume(ckpt_path, args, device, master):
@@ -295,8 +296,7 @@ def save_due(step, args, checkpoint, latest):
 
 
 def save_args(args):
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    write_json(os.path.join(args.out, "args.json"), vars(args))
 
 
 def save_grid(path, x, recons, captions=None):
@@ -592,27 +592,26 @@ def latent_cache(tok, dataset, text, key_parts, cache_dir, device, rank, autocas
     if rank == 0 and not os.path.exists(stats_path):  # the stats file is written last: it marks completion
         os.makedirs(cache_dir, exist_ok=True)
         N, d = tok.cfg.num_tokens, tok.cfg.token_dim
-        out = np.lib.format.open_memmap(path + ".tmp", mode="w+", dtype=np.float32, shape=(len(dataset), N, d))
         s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
-        for x, idx, lab in tqdm(loader, desc="encoding latents", unit="batch"):
-            t = m = None
-            if text is not None:
-                t, m = fetch_text(text, idx, device)
-            with autocast:
-                z = tok.encode(x.to(device), t, m, lab.to(device)).float().cpu()  # (b, N, d)
-            out[idx.numpy()] = z.numpy()
-            s1 += z.double().sum((0, 1))
-            s2 += z.double().pow(2).sum((0, 1))
-        out.flush()
-        del out
-        os.replace(path + ".tmp", path)
+
+        def encode_into(tmp):
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), N, d))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
+            for x, idx, lab in tqdm(loader, desc="encoding latents", unit="batch"):
+                t = m = None
+                if text is not None:
+                    t, m = fetch_text(text, idx, device)
+                with autocast:
+                    z = tok.encode(x.to(device), t, m, lab.to(device)).float().cpu()  # (b, N, d)
+                out[idx.numpy()] = z.numpy()
+                s1.add_(z.double().sum((0, 1)))
+                s2.add_(z.double().pow(2).sum((0, 1)))
+            out.flush()
+        atomic_write(path, encode_into, shared=True)
         count = len(dataset) * N
         mean = s1 / count
         std = (s2 / count - mean ** 2).clamp_min(1e-12).sqrt()
-        with open(stats_path + ".tmp", "w") as f:
-            json.dump({"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)}, f)
-        os.replace(stats_path + ".tmp", stats_path)
+        write_json(stats_path, {"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)})
     if dist.is_initialized():
         dist.barrier()
     with open(stats_path) as f:

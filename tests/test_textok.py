@@ -277,6 +277,26 @@ def test_save_and_load_pretrained(tmp_path):
         TexTok.from_pretrained(str(tmp_path / "nothing-here"))
 
 
+def test_a_full_disk_while_saving_keeps_the_saved_tokenizer(tmp_path, monkeypatch):
+    import errno
+    import os
+    import safetensors.torch
+    from files import DiskFull
+    folder = tmp_path / "tok"
+    TexTok(tiny()).save_pretrained(folder)
+    before = (folder / "model.safetensors").read_bytes()
+
+    def disk_full(state, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(before[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(DiskFull, match="no space left.*model.safetensors"):
+        TexTok(tiny(num_tokens=4)).save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         tiny(image_size=18)

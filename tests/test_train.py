@@ -1,7 +1,9 @@
 """What train.py promises: DDP takes the same step as one process, exact resume, checkpoints that
 survive a crash mid-write, and clear errors for bad input."""
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import torch
 
 import train
 from conftest import kill_after_checkpoint
+from files import DiskFull
 from textok import TexTok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,21 +85,30 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     assert (cut / "recon-0000006.png").exists()
 
 
-def test_checkpoint_interrupted_mid_write_leaves_the_previous_one(tmp_path, monkeypatch):
+def test_a_full_disk_mid_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt-latest.pt")
     train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
-    real_save = torch.save
 
-    def crash(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"half a checkpoint")  # the disk fills, or the job is killed, mid-write
-        raise OSError("No space left on device")
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    def disk_full(obj, f, *a, **k):
+        (open(f, "wb") if isinstance(f, str) else f).write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(DiskFull, match=f"no space left.*{re.escape(path)}"):
         train.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ckpt-latest.pt"]
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+
+
+def test_a_checkpoint_is_flushed_to_the_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", b)), replace(a, b))[1])
+    path = str(tmp_path / "ckpt-latest.pt")
+    train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    assert [e[0] for e in events] == ["fsync", "replace"] and events[1][1] == path
+    assert events[0][1] == os.path.getsize(path)  # the whole file was synced, not a part
 
 
 def test_bad_inputs_on_the_command_line(tmp_path):
