@@ -52,6 +52,9 @@ def get_args(argv=None):
     p.add_argument("--stage", default="tokenizer", choices=["tokenizer", "dit"], help="what to train")
     p.add_argument("--out", default=None, help="folder for checkpoints, grids and the log (out/textok, out/dit)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt-latest.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run in an --out that holds one: its log starts over, its checkpoint and "
+                        "exported model are replaced as the new run saves (without it, such an --out is refused)")
     p.add_argument("--seed", type=int, default=0)
     # tokenizer (--stage tokenizer)
     p.add_argument("--model", default="TexTok-T", choices=list(TexTok_models))
@@ -116,6 +119,8 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=None, help="overwrite ckpt-latest.pt")
     p.add_argument("--keep-every", type=int, default=0, help="also keep ckpt-<step>.pt every this many steps")
     args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite starts it over: pass one of them")
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -228,9 +233,45 @@ def save_checkpoint(state, path):
     atomic_write(path, write)
 
 
+RUN_FILES = ("ckpt-latest.pt", "tokenizer", "dit")  # what a run leaves in its --out
+
+
+def claim_out(args, master):
+    """A fresh run never replaces one silently: an --out that holds a run needs --resume (continue
+    it) or --overwrite (start it over, with a new log)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if found and not (args.resume or args.overwrite):
+        raise UserError(f"{args.out} already holds a run ({os.path.join(args.out, found[0])}); pass --resume to "
+                        f"continue it, --overwrite to start it over, or another --out")
+    log_path = os.path.join(args.out, "log.jsonl")
+    if args.overwrite and master and os.path.exists(log_path):
+        os.remove(log_path)
+
+
+def cut_log(log_path, step):
+    """Drops the rows of log.jsonl past `step`: a resumed run replays the steps after its checkpoint
+    and logs them again. A last line cut off by a kill is dropped too."""
+    if not os.path.isfile(log_path):
+        return
+    keep = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+    atomic_write(log_path, write)
+
+
 def load_for_resume(ckpt_path, args, device, master):
-    """The checkpoint to resume from, with the global RNG states restored and a warning for any
-    flag that changed since it was written (steps and logging intervals may change freely)."""
+    """The checkpoint to resume from, with the global RNG states restored, the log cut back to its
+    step, and a warning for any flag that changed since it was written (steps and logging
+    intervals may change freely)."""
     if not os.path.exists(ckpt_path):
         raise MissingFile(f"{ckpt_path} not found; nothing to resume (drop --resume or fix --out)")
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -240,9 +281,11 @@ def load_for_resume(ckpt_path, args, device, master):
     if device.type == "cuda" and ckpt["rng_cuda"].numel():
         torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
     changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
-               and k not in ("resume", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")}
+               and k not in ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")}
     if changed and master:
         print(f"warning: resuming {ckpt_path} with changed flags (saved, now): {changed}")
+    if master:
+        cut_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
     return ckpt
 
 
@@ -329,7 +372,7 @@ def plot_log(log_path, png_path):
     import matplotlib.pyplot as plt
     rows = {}
     with open(log_path) as f:
-        for line in f:  # a resumed run logs again the steps it replays: keep the last of each
+        for line in f:  # one row per (step, kind); should a step appear twice, the last counts
             r = json.loads(line)
             rows[(r["step"], "eval" in r)] = r
     train_rows = sorted((r for (_, e), r in rows.items() if not e), key=lambda r: r["step"])
@@ -785,6 +828,7 @@ def main(argv=None):
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     # bf16 autocast on CUDA (no GradScaler needed for bf16); plain fp32 on the CPU.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    claim_out(args, master)
     os.makedirs(args.out, exist_ok=True)
     run = dict(rank=rank, world=world, device=device, master=master, B=B, use_compile=use_compile, autocast=autocast)
     try:

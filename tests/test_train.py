@@ -12,7 +12,7 @@ import torch
 
 import train
 from conftest import kill_after_checkpoint
-from files import DiskFull
+from files import DiskFull, UserError
 from textok import TexTok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,3 +165,23 @@ def test_every_evaluation_measures_how_much_the_caption_is_used(tmp_path):
     train.main(tiny_args(tmp_path / "base", tmp_path / "cache", "--steps", "2", "--eval-every", "2", "--text-in", "none"))
     with open(tmp_path / "base" / "log.jsonl") as f:
         assert set([r for r in map(json.loads, f) if "eval" in r][-1]["eval"]) == {"psnr", "ssim"}
+
+
+def test_a_run_is_never_replaced_silently_and_logs_each_step_once(tmp_path, monkeypatch):
+    cheap = ["--lpips-weight", "0", "--gan-weight", "0", "--steps", "4", "--save-every", "2"]
+    out = tmp_path / "run"
+    # Killed right after step 3 (its --keep-every copy), one step past ckpt-latest (step 2) ...
+    save = kill_after_checkpoint(monkeypatch, train, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(out, tmp_path / "cache", *cheap, "--keep-every", "3"))
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    # ... and resumed from step 2: step 3 is replayed, and logged once.
+    train.main(tiny_args(out, tmp_path / "cache", *cheap, "--resume"))
+    assert [r["step"] for r in losses(out)] == [1, 2, 3, 4]
+    # A fresh run into the finished run's --out is refused, and changes nothing there ...
+    with pytest.raises(UserError, match=r"already holds a run.*--resume.*--overwrite"):
+        train.main(tiny_args(out, tmp_path / "cache", *cheap))
+    assert load(out)["step"] == 4 and len(losses(out)) == 4
+    # ... unless told to start over: a new log, not appended to the old one.
+    train.main(tiny_args(out, tmp_path / "cache", *cheap[:-4], "--steps", "2", "--overwrite"))
+    assert load(out)["step"] == 2 and [r["step"] for r in losses(out)] == [1, 2]
