@@ -6,11 +6,15 @@ line that names it and the fix. It imports nothing of the project, so any file c
                      message as one line, `error: ...`, and exit with status 2 (run_main)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
+    load_checkpoint  a checkpoint train.py wrote, or one line saying what the file is instead
 """
 import errno
 import json
 import os
+import pickle
 import sys
+
+import torch
 
 
 class UserError(ValueError):
@@ -35,6 +39,12 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's class and the first sentence of its message, for quoting inside one line."""
+    text = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:limit]
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
 
 
 #################################################################################
@@ -72,3 +82,34 @@ def write_json(path: str, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
     atomic_write(path, write)
+
+
+#################################################################################
+#                                    Reading                                    #
+#################################################################################
+
+def load_checkpoint(path: str, need: tuple, fix: str, device="cpu") -> dict:
+    """
+    A checkpoint train.py wrote (tensors and plain types only, so torch.load(weights_only=True)
+    reads it without running any code), holding the keys `need`. Anything else is a UserError
+    that names the file, says what it is instead, and ends with `fix`.
+    """
+    if not os.path.isfile(path):
+        raise MissingFile(f"{path} not found; {fix}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty (0 bytes); {fix}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise UserError(f"{path} is damaged or not a PyTorch checkpoint ({first_line(e)}); {fix}") from None
+        # torch refused to build a Python object: the file was pickled by other code. Loading it
+        # anyway could run that code, so it is not offered.
+        raise UserError(f"{path} is not a checkpoint of this project: it holds Python objects besides tensors "
+                        f"and plain types (train.py's checkpoints never do), and is not loaded; {fix}") from None
+    except Exception as e:  # a cut-off zip, a text file, ...
+        raise UserError(f"{path} is truncated, damaged or not a PyTorch checkpoint ({first_line(e)}); {fix}") from None
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a train.py checkpoint (it has no {missing[0]!r}); {fix}")
+    return ckpt

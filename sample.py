@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data import ShapesDataset
 from dit import DiT, Diffusion, guided
 from eval_fid import prompt_adherence, to_uint8
-from files import MissingFile, UserError, atomic_write, run_main
+from files import MissingFile, UserError, atomic_write, load_checkpoint, run_main
 from textok import TexTok, TextEncoder, pretrained_folder
 
 #################################################################################
@@ -44,9 +44,10 @@ def load_dit(path, device="cpu"):
         raise MissingFile(f"{path} not found; train one with `python train.py --stage dit` or fix --dit")
     if os.path.isdir(path):
         return DiT.from_pretrained(path, device)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    fix = "pass a checkpoint of train.py --stage dit (out/dit/ckpt-latest.pt) or its exported folder (out/dit/dit)"
+    ckpt = load_checkpoint(path, ("config", "ema"), fix)
     if "dit_meta" not in ckpt:
-        raise UserError(f"{path} is not a DiT checkpoint (no 'dit_meta'); pass out/dit/ckpt-latest.pt")
+        raise UserError(f"{path} is not a DiT checkpoint (it has no 'dit_meta': a tokenizer's?); {fix}")
     model = DiT(DiT.config_from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval(), ckpt["dit_meta"]

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import ShardedSampler, load_splits
 from eval_fid import prompt_adherence, psnr, ssim, to_uint8
-from files import MissingFile, UserError, atomic_write, run_main, write_json
+from files import MissingFile, UserError, atomic_write, load_checkpoint, run_main, write_json
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
                     kl_loss, l2_loss, make_config)
@@ -268,15 +268,27 @@ def cut_log(log_path, step):
     atomic_write(log_path, write)
 
 
-def load_for_resume(ckpt_path, args, device, master):
+def load_for_resume(ckpt_path, args, device, master, config):
     """The checkpoint to resume from, with the global RNG states restored, the log cut back to its
     step, and a warning for any flag that changed since it was written (steps and logging
-    intervals may change freely)."""
+    intervals may change freely). Its model must be the one `config` (the run's, a dict)
+    describes: another --model or --num-tokens is one line, not a size mismatch per tensor."""
     if not os.path.exists(ckpt_path):
         raise MissingFile(f"{ckpt_path} not found; nothing to resume (drop --resume or fix --out)")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(ckpt_path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
+                           fix="start over with --overwrite instead of --resume, or fix --out")
     if ckpt["args"].get("stage", "tokenizer") != args.stage:
         raise UserError(f"{ckpt_path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
+    if ckpt["step"] > args.steps:
+        raise UserError(f"{ckpt_path} is at step {ckpt['step']}, past --steps {args.steps}; pass --steps "
+                        f"{ckpt['step']} or more to resume it")
+    differ = [k for k in config if ckpt["config"].get(k) != config[k]]
+    if differ:
+        saved = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
+        now = ", ".join(f"{k}={config[k]!r}" for k in differ)
+        raise UserError(f"{ckpt_path} holds a model with {saved}, but these flags build one with {now}; resume "
+                        f"with the flags it was trained with (see {os.path.join(args.out, 'args.json')}), or "
+                        f"start over with --overwrite or another --out")
     torch.set_rng_state(ckpt["rng_cpu"].cpu())
     if device.type == "cuda" and ckpt["rng_cuda"].numel():
         torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
@@ -439,7 +451,7 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
     if args.resume:
-        ckpt = load_for_resume(ckpt_path, args, device, master)
+        ckpt = load_for_resume(ckpt_path, args, device, master, asdict(cfg))
         raw_model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
         raw_disc.load_state_dict(ckpt["disc"]); lecam.load_state_dict(ckpt["lecam"])
         opt.load_state_dict(ckpt["opt"]); opt_d.load_state_dict(ckpt["opt_d"])
@@ -707,7 +719,7 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
     if args.resume:
-        ckpt = load_for_resume(ckpt_path, args, device, master)
+        ckpt = load_for_resume(ckpt_path, args, device, master, asdict(cfg))
         raw_model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
         del ckpt

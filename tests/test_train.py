@@ -185,3 +185,37 @@ def test_a_run_is_never_replaced_silently_and_logs_each_step_once(tmp_path, monk
     # ... unless told to start over: a new log, not appended to the old one.
     train.main(tiny_args(out, tmp_path / "cache", *cheap[:-4], "--steps", "2", "--overwrite"))
     assert load(out)["step"] == 2 and [r["step"] for r in losses(out)] == [1, 2]
+
+
+def test_resume_says_in_one_line_why_a_checkpoint_cannot_be_used(tmp_path):
+    import argparse
+    import sample
+    cheap = ["--lpips-weight", "0", "--gan-weight", "0", "--steps", "1"]
+    out = tmp_path / "run"
+    train.main(tiny_args(out, tmp_path / "cache", *cheap))
+    ckpt = out / "ckpt-latest.pt"
+    good = ckpt.read_bytes()
+
+    def resume(*flags):
+        with pytest.raises(UserError) as err:
+            train.main(tiny_args(out, tmp_path / "cache", *cheap, "--steps", "2", "--resume", *flags))
+        assert "\n" not in str(err.value) and str(ckpt) in str(err.value)
+        return str(err.value)
+    # A checkpoint of another model: the flags that differ, not a size mismatch per tensor.
+    assert "num_tokens=8" in resume("--num-tokens", "4") and "num_tokens=4" in resume("--num-tokens", "4")
+    assert "width=128" in resume("--model", "TexTok-M") and "width=256" in resume("--model", "TexTok-M")
+    # A damaged file says so, whatever the damage.
+    ckpt.write_bytes(good[: len(good) // 2])
+    assert "truncated" in resume()
+    ckpt.write_bytes(b"")
+    assert "empty" in resume()
+    # A pickle of Python objects is never loaded, and the message never suggests loading it anyway.
+    torch.save({"args": argparse.Namespace(steps=1), "model": {}}, ckpt)
+    message = resume()
+    assert "not a checkpoint of this project" in message and "weights_only" not in message
+    # sample.py reads DiT checkpoints through the same loader.
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        sample.main(["--dit", str(ckpt)])
+    ckpt.write_bytes(good)
+    with pytest.raises(UserError, match="not a DiT checkpoint"):
+        sample.main(["--dit", str(ckpt)])
