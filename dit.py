@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import MissingFile, UserError, atomic_write, write_json
+from files import MissingFile, UserError, atomic_write, load_config, load_weights, write_json
 
 
 @dataclass
@@ -302,17 +302,19 @@ class DiT(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str, device="cpu"):
         """-> (DiT in eval mode, meta)."""
-        from safetensors.torch import load_file
         cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
         for path in (cfg_path, weights):
             if not os.path.isfile(path):
                 raise MissingFile(f"{path} not found: point at a folder written by DiT.save_pretrained() "
                                   f"(train.py --stage dit writes <out>/dit/)")
+        model = cls(load_config(DiTConfig, cfg_path, part="config"))
         with open(cfg_path) as f:
-            raw = json.load(f)
-        model = cls(cls.config_from_dict(raw["config"]))
-        model.load_state_dict(load_file(weights, device=str(device)))
-        return model.to(device).eval(), raw["meta"]
+            meta = json.load(f).get("meta")  # valid JSON: load_config has read it
+        if not isinstance(meta, dict):
+            raise UserError(f"{cfg_path} has no 'meta' (the latent statistics and the tokenizer this DiT was "
+                            f"trained against); restore the config.json saved with these weights")
+        load_weights(model, weights, cfg_path, device)  # a config edited to another shape: one line
+        return model.to(device).eval(), meta
 
 
 #################################################################################

@@ -7,12 +7,15 @@ line that names it and the fix. It imports nothing of the project, so any file c
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
     load_checkpoint  a checkpoint train.py wrote, or one line saying what the file is instead
+    load_config      a model's config.json into its config dataclass, or one line naming the file
+    load_weights     safetensors weights into a model, or one line naming the first tensor that differs
 """
 import errno
 import json
 import os
 import pickle
 import sys
+from dataclasses import fields
 
 import torch
 
@@ -113,3 +116,56 @@ def load_checkpoint(path: str, need: tuple, fix: str, device="cpu") -> dict:
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint (it has no {missing[0]!r}); {fix}")
     return ckpt
+
+
+def load_config(config_cls, path: str, part: str = None):
+    """The config dataclass `config_cls` from the JSON file `path` (from its key `part`, if given).
+    Keys the dataclass lacks are ignored (files of older or newer versions); a file that is not
+    JSON, a value of the wrong type, or a value the dataclass refuses is one line naming the file."""
+    fix = "restore the config.json saved with these weights, or save the model again"
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        what = "empty" if isinstance(e, json.JSONDecodeError) and not e.doc.strip() else f"not valid JSON ({e})"
+        raise UserError(f"{path} is {what}; {fix}") from None
+    if part is not None:
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a JSON object of {config_cls.__name__} settings" +
+                        (f" under {part!r}" if part else "") + f"; {fix}")
+    values = {}
+    for field in fields(config_cls):
+        if field.name in raw:
+            v, want = raw[field.name], type(field.default)
+            if not (isinstance(v, want) and not isinstance(v, bool) or want is float and type(v) is int):
+                raise UserError(f"{path}: {field.name} is {v!r}, but it must be {want.__name__}; {fix}")
+            values[field.name] = v
+    try:
+        return config_cls(**values)
+    except UserError as e:
+        raise UserError(f"{path}: {e}; {fix}") from None
+
+
+def load_weights(model: torch.nn.Module, weights: str, config: str, device="cpu") -> None:
+    """Loads a safetensors file into `model`, built from `config`. A file that does not read, or
+    whose tensors do not fit the model the config describes (a config edited to another shape,
+    or copied from other weights), is one line naming the first tensor that differs."""
+    from safetensors.torch import load_file
+    try:
+        state = load_file(weights, device=str(device))
+    except Exception as e:
+        raise UserError(f"{weights} is truncated or not a safetensors file ({first_line(e)}); save the model "
+                        f"again (train.py writes it at the end of a run)") from None
+    fix = f"{config} does not describe these weights: restore the config.json saved with them"
+    expected = model.state_dict()
+    for k, v in expected.items():
+        if k not in state:
+            raise UserError(f"{weights} has no tensor {k!r}, which the model of {config} needs; {fix}")
+        if state[k].shape != v.shape:
+            raise UserError(f"{weights}: {k} has shape {tuple(state[k].shape)}, but the model of {config} needs "
+                            f"{tuple(v.shape)}; {fix}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UserError(f"{weights} has a tensor {extra[0]!r} that the model of {config} lacks; {fix}")
+    model.load_state_dict(state)

@@ -17,19 +17,18 @@ Contents:
     LPIPS, l2/kl/gan/LeCAM losses    the training objective (§3.2, following MAGVIT-v2 [49])
 """
 import importlib.util
-import json
 import math
 import os
 import pickle
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import MissingFile, UserError, atomic_write, write_json
+from files import MissingFile, UserError, atomic_write, load_config, load_weights, write_json
 
 
 #################################################################################
@@ -586,18 +585,14 @@ class TexTok(nn.Module):
     def from_pretrained(cls, folder: str, device="cpu") -> "TexTok":
         """A folder written by save_pretrained, or a Hugging Face hub repo id ("user/name") holding
         one (fetched once, then read from the hub's cache, offline too)."""
-        from safetensors.torch import load_file
         folder = pretrained_folder(folder)
         cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
         for path in (cfg_path, weights):
             if not os.path.isfile(path):
                 raise MissingFile(f"{path} not found: point at a folder written by "
                                   f"TexTok.save_pretrained() (train.py writes <out>/tokenizer/)")
-        with open(cfg_path) as f:
-            raw = json.load(f)
-        known = {f.name for f in fields(TexTokConfig)}
-        model = cls(TexTokConfig(**{k: v for k, v in raw.items() if k in known}))
-        model.load_state_dict(load_file(weights, device=str(device)))
+        model = cls(load_config(TexTokConfig, cfg_path))
+        load_weights(model, weights, cfg_path, device)  # a config edited to another shape: one line
         return model.to(device)
 
 

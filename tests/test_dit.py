@@ -128,3 +128,22 @@ def test_a_tiny_dit_learns_a_toy_token_distribution():
                         generator=torch.Generator().manual_seed(1))
         assert x.mean().item() == pytest.approx(means[c].item(), abs=0.15)
         assert x.std().item() == pytest.approx(std, rel=0.2)
+
+
+def test_a_damaged_or_edited_dit_folder_is_one_line_naming_the_file(tmp_path):
+    import json
+    from files import UserError
+    folder = tmp_path / "dit"
+    DiT(DiTConfig(num_tokens=16, width=64, depth=2, heads=4, num_classes=5)).save_pretrained(str(folder), {"x": 1})
+    config = folder / "config.json"
+    good = json.loads(config.read_text())
+    assert DiT.from_pretrained(str(folder))[1] == {"x": 1}
+    config.write_text("{")
+    with pytest.raises(UserError, match=f"{config} is not valid JSON"):
+        DiT.from_pretrained(str(folder))
+    config.write_text(json.dumps({**good, "config": {**good["config"], "depth": 3}}))
+    with pytest.raises(UserError, match=r"blocks\.2\..*the model of .*config\.json needs"):
+        DiT.from_pretrained(str(folder))
+    config.write_text(json.dumps({"config": good["config"]}))
+    with pytest.raises(UserError, match="has no 'meta'"):
+        DiT.from_pretrained(str(folder))

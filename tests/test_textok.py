@@ -277,6 +277,37 @@ def test_save_and_load_pretrained(tmp_path):
         TexTok.from_pretrained(str(tmp_path / "nothing-here"))
 
 
+def test_a_damaged_or_edited_tokenizer_folder_is_one_line_naming_the_file(tmp_path):
+    import json
+    from files import UserError
+    folder = tmp_path / "tok"
+    TexTok(tiny()).save_pretrained(folder)
+    config = folder / "config.json"
+    good = json.loads(config.read_text())
+
+    def error():
+        with pytest.raises(UserError) as err:
+            TexTok.from_pretrained(str(folder))
+        assert "\n" not in str(err.value)
+        return str(err.value)
+    config.write_text("")
+    assert f"{config} is empty" in error()
+    config.write_text('{"image_size": 16,')
+    assert f"{config} is not valid JSON" in error()
+    config.write_text(json.dumps({**good, "num_tokens": "8"}))
+    assert f"{config}: num_tokens is '8', but it must be int" in error()
+    config.write_text(json.dumps({**good, "patch_size": 5}))
+    assert f"{config}: image_size 16 is not a multiple of patch_size 5" in error()
+    # Edited to another shape: the first tensor that does not fit, not a size mismatch per tensor.
+    config.write_text(json.dumps({**good, "num_tokens": 4}))
+    message = error()
+    assert "latent_tokens has shape (1, 8, 32)" in message and "needs (1, 4, 32)" in message and str(config) in message
+    config.write_text(json.dumps(good))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert f"{weights} is truncated" in error()
+
+
 def test_a_full_disk_while_saving_keeps_the_saved_tokenizer(tmp_path, monkeypatch):
     import errno
     import os
