@@ -15,12 +15,13 @@ over them once (train.py caches the embeddings) and never per step.
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from files import MissingFile, UserError
+from files import MissingFile, UserError, first_line
 
 #################################################################################
 #                          The built-in captioned dataset                       #
@@ -185,14 +186,45 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return Image.fromarray(arr[top:top + size, left:left + size])
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Opens any image as RGB: grayscale and palette are converted, transparency goes onto white."""
+def to_8bit(arr: np.ndarray) -> np.ndarray:
+    """A 16-bit, 32-bit or float grayscale image as 8 bits, scaled to its range (PIL's own
+    conversion clips at 255, which turns a 16-bit photo white and a [0, 1] float one black).
+    Integers are read as 16-bit (0..65535, how PIL opens 16-bit files); floats as [0, 1] when they
+    lie there, else stretched from their minimum to their maximum (a float image has no fixed range)."""
+    if arr.dtype.kind in "iu":
+        return (np.clip(arr, 0, 65535).astype(np.float64) / 257).round().astype(np.uint8)  # 65535 / 257 = 255
+    arr = np.nan_to_num(arr.astype(np.float64))
+    lo, hi = arr.min(), arr.max()
+    if lo < 0 or hi > 1:
+        arr = (arr - lo) / max(hi - lo, 1e-12)
+    return (arr * 255).round().astype(np.uint8)
+
+
+def load_rgb(path: str, draft=None) -> Image.Image:
+    """Opens and fully decodes any image as 8-bit RGB: grayscale and palette are converted,
+    transparency goes onto white, 16-bit and float images are scaled (to_8bit). draft=(w, h) lets
+    a JPEG decode at a reduced scale still at least that large: it reads every byte all the same,
+    so the upfront check (CaptionedImages) catches a truncated file at a fraction of the cost."""
     img = Image.open(path)
+    if draft:
+        img.draft("RGB", draft)
+    img.load()  # decode now: a truncated file fails here, not later inside a DataLoader worker
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = Image.fromarray(to_8bit(np.asarray(img)))  # mode L, converted to RGB below
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, img).convert("RGB")
     return img.convert("RGB")
+
+
+def image_problem(path: str, size: int):
+    """None when the image at `path` decodes as training will decode it; else, in one line, why not."""
+    try:
+        load_rgb(path, draft=(size, size))
+        return None
+    except Exception as e:  # truncated, not an image, an unknown mode, a decompression bomb, ...
+        return f"{path}: unreadable image ({first_line(e)})"
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -250,13 +282,15 @@ class CaptionedImages(torch.utils.data.Dataset):
                      for f in records if f not in on_disk_set]
         files = [f for f in on_disk if f in records]
         good = []
-        for f in tqdm(files, desc="checking images", disable=not progress, unit="img"):
-            try:
-                with Image.open(os.path.join(root, f)) as im:
-                    im.verify()  # reads the whole file and checks it decodes
-                good.append(f)
-            except Exception as e:
-                problems.append(f"{os.path.join(root, f)}: unreadable image ({e.__class__.__name__})")
+        # Every image is decoded once, as training decodes it (threads: PIL decodes without the GIL).
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            checked = pool.map(lambda f: image_problem(os.path.join(root, f), image_size), files)
+            for f, problem in zip(files, tqdm(checked, total=len(files), desc="checking images",
+                                              disable=not progress, unit="img")):
+                if problem:
+                    problems.append(problem)
+                else:
+                    good.append(f)
         if problems and not skip_bad:
             raise UserError(f"{problems[0]}  ({len(problems)} problem(s) in all; fix them, or pass "
                             f"--skip-bad to skip and count them)")
@@ -278,8 +312,13 @@ class CaptionedImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        img = center_crop(load_rgb(os.path.join(self.root, self.files[i])), self.image_size)
-        return to_tensor(img), i, (self.labels[i] if self.labels is not None else -1)
+        path = os.path.join(self.root, self.files[i])
+        try:
+            img = load_rgb(path)
+        except Exception as e:  # it decoded when the dataset was built: changed during the run?
+            raise UserError(f"{path}: unreadable image ({first_line(e)}), though it decoded when training "
+                            f"started; was it changed since?") from None
+        return to_tensor(center_crop(img, self.image_size)), i, (self.labels[i] if self.labels is not None else -1)
 
 
 class Split(torch.utils.data.Dataset):

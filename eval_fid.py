@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IMAGE_EXTS
-from files import MissingFile, UserError, atomic_write, run_main, write_json
+from data import IMAGE_EXTS, load_rgb
+from files import MissingFile, UserError, atomic_write, first_line, run_main, write_json
 
 #################################################################################
 #                      Pixel metrics: PSNR, SSIM (also train.py's)              #
@@ -321,9 +321,9 @@ def image_batches(src, batch_size):
         batch = []
         for f in files[i:i + batch_size]:
             try:
-                img = Image.open(f).convert("RGB")
+                img = load_rgb(f)  # as training reads images: 16-bit and float ones scaled, not clipped
             except Exception as e:
-                raise UserError(f"{f}: unreadable image ({e.__class__.__name__}); remove it from the folder") from None
+                raise UserError(f"{f}: unreadable image ({first_line(e)}); remove it from the folder") from None
             size = size or img.size
             batch.append(np.asarray(img if img.size == size else img.resize(size, Image.BICUBIC)))
         yield np.stack(batch)

@@ -2,6 +2,7 @@
 real-data loading with every conversion, and a clear error (or a counted skip) for bad input."""
 import copy
 import json
+import os
 import re
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from data import (COLORS, PLACES, SIZES, CaptionedImages, ShapesDataset, ShardedSampler, caption_of, center_crop,
-                  make_scene, render)
+                  load_rgb, make_scene, render)
 
 
 def test_builtin_dataset_is_deterministic_by_seed():
@@ -167,3 +168,35 @@ def test_sharded_sampler_partitions_global_batches_and_resumes():
     resumed = ShardedSampler(n, B, 1, W, seed=1)
     resumed.set_position(0, 2)
     assert list(resumed) == ranks[1][2 * B:]
+
+
+def test_a_truncated_jpeg_is_caught_before_training_and_skipped_by_flag(folder):
+    import io
+    root, caps = folder
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # passes PIL's verify()
+    with caps.open("a") as f:
+        f.write(json.dumps({"file": "cut.jpg", "caption": "half a picture"}) + "\n")
+    with pytest.raises(ValueError, match=r"cut\.jpg: unreadable image \(OSError: image file is truncated"):
+        CaptionedImages(str(root), str(caps), 16, progress=False)
+    data = CaptionedImages(str(root), str(caps), 16, skip_bad=True, progress=False)
+    assert data.skipped == 1 and "cut.jpg" not in data.files
+    assert all(data[i][0].shape == (3, 16, 16) for i in range(len(data)))  # what a DataLoader would read
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    root = tmp_path / "deep"
+    write(root / "gray16.png", Image.fromarray(np.full((20, 20), 128 * 257, np.uint16)))  # mode I;16
+    write(root / "gray32.tif", Image.fromarray(np.full((20, 20), 64 * 257, np.int32)))  # mode I
+    write(root / "float.tif", Image.fromarray(np.full((20, 20), 0.25, np.float32)))  # mode F, in [0, 1]
+    ramp = np.tile(np.linspace(-3.0, 5.0, 20, dtype=np.float32), (20, 1))  # mode F, another range
+    write(root / "ramp.tif", Image.fromarray(ramp))
+    assert [Image.open(root / f).mode for f in ("gray16.png", "gray32.tif", "float.tif")] == ["I;16", "I", "F"]
+    caps = tmp_path / "c.jsonl"
+    caps.write_text("".join(json.dumps({"file": f, "caption": f}) + "\n" for f in sorted(os.listdir(root))))
+    data = CaptionedImages(str(root), str(caps), 16, progress=False)
+    value = {f: round((data[i][0].mean().item() + 1) * 127.5) for i, f in enumerate(data.files)}
+    assert value["gray16.png"] == 128 and value["gray32.tif"] == 64 and value["float.tif"] == 64
+    ramp_pixels = np.asarray(load_rgb(str(root / "ramp.tif")))[0, :, 0]
+    assert ramp_pixels[0] == 0 and ramp_pixels[-1] == 255  # stretched from its minimum to its maximum
