@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import IMAGE_EXTS, folder_labels, list_images, load_rgb
+from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
 from files import MissingFile, UserError, atomic_write, run_main
 
 PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
@@ -193,14 +193,15 @@ def holdout(path, fraction, seed=0):
     """Splits a labelled caption file into <name>-train.jsonl (train.py) and <name>-unseen.jsonl
     ({label, caption} per line, for sample.py --class-captions): `fraction` of each class's
     captions, at least one, are held out and never trained on."""
+    if not os.path.isfile(path):
+        raise MissingFile(f"caption file {path} not found; fix --holdout")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if "label" not in r:
-                    raise UserError(f"{path}:{n}: no 'label'; holding out captions per class needs class labels")
-                rows.append(r)
+    for n, r, problem in read_jsonl(path):
+        if problem is None and "label" not in r:
+            problem = f"{path}:{n}: no 'label'; holding out captions per class needs class labels"
+        if problem is not None:
+            raise UserError(problem)
+        rows.append(r)
     rng = np.random.default_rng(seed)
     by_class = {}
     for k, r in enumerate(rows):

@@ -243,13 +243,79 @@ def folder_labels(files: list[str]):
     return None if classes == [""] else [classes.index(os.path.dirname(f)) for f in files]
 
 
+def read_jsonl(path: str):
+    """
+    (line number, object, problem) for each non-blank line of a JSON-lines file: every caption
+    file is read here (train.py's, sample.py's class captions, caption.py's hold-out). `problem`
+    (one line, 'path:line: ...') says why a line cannot be used; the object is then None, or, for
+    a line that is not UTF-8, its reading with the bad bytes replaced, which tells the caller the
+    image it is about. A UTF-8 byte-order mark at a line's start is accepted (editors write one).
+    """
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8-sig")  # -sig: drops a byte-order mark
+            except UnicodeDecodeError as e:
+                try:
+                    guess = json.loads(raw.decode("utf-8", "replace"))
+                except json.JSONDecodeError:
+                    guess = None
+                yield n, guess, (f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 f"save the file as UTF-8")
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, None, f"{path}:{n}: not JSON ({e.msg} at column {e.colno})"
+                continue
+            if not isinstance(obj, dict):
+                yield n, None, f"{path}:{n}: not a JSON object ({{\"file\": ..., \"caption\": ...}})"
+                continue
+            yield n, obj, None
+
+
+def read_captions(path: str, root: str):
+    """
+    The caption file of an image folder: ({file: (caption, label or None)}, {key: problem}),
+    files normalised and relative to `root`. A problem is keyed by its image when the line names
+    one, else by its line: a line that does not read, a caption that is null, empty or not text,
+    and an image captioned on more than one line (which of them is right? both are dropped).
+    """
+    records, problems, line_of = {}, {}, {}
+    for n, r, problem in read_jsonl(path):
+        file = r.get("file") if isinstance(r, dict) else None
+        file = os.path.normpath(file) if isinstance(file, str) and file.strip() else None
+        if problem is None and file is None:
+            problem = f"{path}:{n}: no 'file' (the image's path relative to {root})"
+        if problem is not None:
+            problems[file or f"{path}:{n}"] = problem
+            continue
+        caption = r.get("caption")
+        where = f"{os.path.join(root, file)}: "
+        if file in line_of:
+            problems[file] = where + f"captioned on more than one line ({path}:{line_of[file]} and {path}:{n}); keep one"
+            records.pop(file, None)
+            continue
+        line_of[file] = n
+        if not isinstance(caption, str) or not caption.strip():
+            what = ("no" if "caption" not in r else "null" if caption is None
+                    else "empty" if isinstance(caption, str) else f"non-text ({caption!r})")
+            problems[file] = where + f"{what} caption ({path}:{n})"
+            continue
+        records[file] = (caption.strip(), r.get("label"))
+    return {f: v for f, v in records.items() if f not in problems}, problems  # a bad line for it drops it
+
+
 class CaptionedImages(torch.utils.data.Dataset):
     """
     Images under `root` with captions from a JSON-lines file: {"file": "n01440764/x.JPEG",
     "caption": "...", "label": 3 (optional)}. `file` is relative to `root`. With ImageNet-style
     class folders (root/<class>/<image>) and no "label", the label is the class folder's index in
-    sorted order. Bad input (unreadable image, image without caption, empty caption, caption for
-    a missing file) is an error naming the file, or, with skip_bad=True, skipped and counted.
+    sorted order. Bad input (an unreadable image or caption line, an image without a caption or
+    with two, a null or empty caption, a caption for a missing file) is an error naming the file,
+    or, with skip_bad=True, skipped and counted, each image once.
     """
 
     def __init__(self, root: str, captions_file: str, image_size: int = 256, skip_bad: bool = False,
@@ -260,26 +326,17 @@ class CaptionedImages(torch.utils.data.Dataset):
             raise MissingFile(f"image folder {root} does not exist; fix --data")
         if not os.path.isfile(captions_file):
             raise MissingFile(f"caption file {captions_file} does not exist; fix --captions")
-        records, problems = {}, []
-        with open(captions_file) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    file, caption = r["file"], r["caption"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{captions_file}:{n}: not a JSON object with 'file' and 'caption' keys") from None
-                if not str(caption).strip():
-                    problems.append(f"{os.path.join(root, file)}: empty caption ({captions_file}:{n})")
-                    continue
-                records[os.path.normpath(file)] = (str(caption).strip(), r.get("label"))
+        # problems: what is wrong, one entry per image (or per caption line naming no image), so
+        # that each bad image is reported, and counted, once.
+        records, problems = read_captions(captions_file, root)
         on_disk = list_images(root)
         on_disk_set = set(on_disk)
-        problems += [f"{os.path.join(root, f)}: image has no caption in {captions_file}"
-                     for f in on_disk if f not in records]
-        problems += [f"{os.path.join(root, f)}: captioned in {captions_file} but not found"
-                     for f in records if f not in on_disk_set]
+        for f in on_disk:
+            if f not in records:
+                problems.setdefault(f, f"{os.path.join(root, f)}: image has no caption in {captions_file}")
+        for f in records:
+            if f not in on_disk_set:
+                problems[f] = f"{os.path.join(root, f)}: captioned in {captions_file} but not found"
         files = [f for f in on_disk if f in records]
         good = []
         # Every image is decoded once, as training decodes it (threads: PIL decodes without the GIL).
@@ -288,15 +345,16 @@ class CaptionedImages(torch.utils.data.Dataset):
             for f, problem in zip(files, tqdm(checked, total=len(files), desc="checking images",
                                               disable=not progress, unit="img")):
                 if problem:
-                    problems.append(problem)
+                    problems[f] = problem
                 else:
                     good.append(f)
+        first = next(iter(problems.values()), None)
         if problems and not skip_bad:
-            raise UserError(f"{problems[0]}  ({len(problems)} problem(s) in all; fix them, or pass "
+            raise UserError(f"{first}  ({len(problems)} problem(s) in all; fix them, or pass "
                             f"--skip-bad to skip and count them)")
         self.skipped = len(problems)
         if problems and progress:
-            print(f"skipped {len(problems)} bad item(s), e.g. {problems[0]}")
+            print(f"skipped {len(problems)} bad item(s), e.g. {first}")
         if not good:
             raise UserError(f"no usable captioned images under {root} with {captions_file}")
         self.files = good

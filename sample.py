@@ -14,7 +14,6 @@ ImageNet. The list is a JSON-lines file {"label": 3, "caption": "..."} (caption.
 or, for the built-in shapes, captions of freshly generated scenes that no run trains on.
 """
 import argparse
-import json
 import os
 from contextlib import nullcontext
 
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import ShapesDataset
+from data import ShapesDataset, read_jsonl
 from dit import DiT, Diffusion, guided
 from eval_fid import prompt_adherence, to_uint8
 from files import MissingFile, UserError, atomic_write, load_checkpoint, run_main
@@ -73,14 +72,13 @@ def load_class_captions(path):
     if not os.path.isfile(path):
         raise MissingFile(f"class caption file {path} not found; fix --class-captions")
     out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    out.setdefault(int(r["label"]), []).append(str(r["caption"]))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    raise UserError(f"{path}:{n}: not a JSON object with an int 'label' and a 'caption'") from None
+    for n, r, problem in read_jsonl(path):
+        if problem is None and not (isinstance(r.get("label"), int) and isinstance(r.get("caption"), str)
+                                    and r["caption"].strip()):
+            problem = f"{path}:{n}: not a JSON object with an int 'label' and a non-empty 'caption'"
+        if problem is not None:
+            raise UserError(problem)
+        out.setdefault(r["label"], []).append(r["caption"].strip())
     return out
 
 

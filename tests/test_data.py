@@ -200,3 +200,36 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     assert value["gray16.png"] == 128 and value["gray32.tif"] == 64 and value["float.tif"] == 64
     ramp_pixels = np.asarray(load_rgb(str(root / "ramp.tif")))[0, :, 0]
     assert ramp_pixels[0] == 0 and ramp_pixels[-1] == 255  # stretched from its minimum to its maximum
+
+
+def test_caption_file_problems_name_the_line_and_count_each_image_once(folder, tmp_path):
+    root, caps = folder
+    lines = caps.read_bytes().splitlines(keepends=True)  # rgb.jpg, gray.png, rgba.png, palette.gif
+
+    def load(name, content, skip_bad=False):
+        path = tmp_path / name
+        path.write_bytes(content)
+        return CaptionedImages(str(root), str(path), 16, skip_bad=skip_bad, progress=False), str(path)
+
+    # A UTF-8 byte-order mark (what some editors write first) is no problem.
+    data, _ = load("bom.jsonl", b"\xef\xbb\xbf" + b"".join(lines))
+    assert len(data) == 4 and data.skipped == 0
+    # A byte that is not UTF-8: file and line, or one skipped image (not also "has no caption").
+    latin1 = lines[1].replace(b'"gray"', b'"gr\xe9y"')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9 at column \d+\); save the file as UTF-8"):
+        load("latin1.jsonl", b"".join([lines[0], latin1, *lines[2:]]))
+    data, _ = load("latin1.jsonl", b"".join([lines[0], latin1, *lines[2:]]), skip_bad=True)
+    assert data.skipped == 1 and "gray.png" not in data.files and len(data) == 3
+    # A null caption is a missing one, never the caption "None"; an empty one counts once.
+    for name, value in (("null", b"null"), ("empty", b'""')):
+        bad = lines[0].replace(b'"a red picture"', value)
+        with pytest.raises(ValueError, match=rf"rgb\.jpg: {name} caption \(.*:1\)  \(1 problem"):
+            load(f"{name}.jsonl", b"".join([bad, *lines[1:]]))
+        data, _ = load(f"{name}.jsonl", b"".join([bad, *lines[1:]]), skip_bad=True)
+        assert data.skipped == 1 and "rgb.jpg" not in data.files and "None" not in data.captions
+    # Two lines for one image: which is right? Reported with both lines, and skipped by flag.
+    twice = b"".join(lines) + json.dumps({"file": "gray.png", "caption": "another caption"}).encode() + b"\n"
+    with pytest.raises(ValueError, match=r"gray\.png: captioned on more than one line \(.*:2 and .*:5\)"):
+        load("twice.jsonl", twice)
+    data, _ = load("twice.jsonl", twice, skip_bad=True)
+    assert data.skipped == 1 and "gray.png" not in data.files
