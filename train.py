@@ -119,12 +119,43 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=None, help="overwrite ckpt-latest.pt")
     p.add_argument("--keep-every", type=int, default=0, help="also keep ckpt-<step>.pt every this many steps")
     args = p.parse_args(argv)
-    if args.resume and args.overwrite:
-        p.error("--resume continues the run in --out and --overwrite starts it over: pass one of them")
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    check_args(p, args)
     return args
+
+
+def check_args(p, args):
+    """Values no run can use are refused here, before any data is read: one line naming the flag,
+    exit status 2 (as p.error, without the usage dump that would bury the line)."""
+    error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
+    flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"
+    if args.resume and args.overwrite:
+        error("--resume continues the run in --out, --overwrite starts it over: pass one of them")
+    for k in ("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps", "batch_size",
+              "num_images", "val_images", "log_every", "eval_every", "save_every", "sample_steps"):
+        if getattr(args, k) < 1:
+            error(f"{flag(k)}: must be at least 1")
+    for k in ("warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr", "weight_decay", "l2_weight",
+              "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"):
+        if getattr(args, k) < 0:
+            error(f"{flag(k)}: must not be negative")
+    for k in ("lr", "disc_lr", "grad_clip"):
+        if getattr(args, k) is not None and getattr(args, k) <= 0:
+            error(f"{flag(k)}: must be positive")
+    for k in ("beta1", "beta2", "ema_decay"):
+        if not 0 <= getattr(args, k) < 1:
+            error(f"{flag(k)}: must be in [0, 1)")
+    if args.min_lr > args.lr:
+        error(f"{flag('min_lr')} is above {flag('lr')}: the schedule decays from --lr to --min-lr")
+    if args.sample_steps > Diffusion().T:
+        error(f"{flag('sample_steps')}: the diffusion has {Diffusion().T} steps")
+    if args.stage == "tokenizer":
+        if args.image_size % args.patch_size:
+            error(f"{flag('image_size')} is not a multiple of {flag('patch_size')}")
+        if args.image_size < 8 or args.image_size & (args.image_size - 1):
+            error(f"{flag('image_size')}: the discriminator needs a power of two, at least 8")
 
 
 #################################################################################

@@ -219,3 +219,21 @@ def test_resume_says_in_one_line_why_a_checkpoint_cannot_be_used(tmp_path):
     ckpt.write_bytes(good)
     with pytest.raises(UserError, match="not a DiT checkpoint"):
         sample.main(["--dit", str(ckpt)])
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--num-tokens", "0"], "--num-tokens 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),  # it printed paths it never wrote
+    (["--val-images", "0"], "--val-images 0: must be at least 1"),  # the first evaluation crashed
+    (["--lr", "-0.001"], "--lr -0.001: must be positive"),
+    (["--beta2", "1"], "--beta2 1.0: must be in [0, 1)"),
+    (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr 0.001"),
+    (["--image-size", "30"], "--image-size 30 is not a multiple of --patch-size 4"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite starts it over"),
+])
+def test_flags_no_run_can_use_are_refused_before_any_work(flags, says, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.get_args(flags)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and f"error: {says}" in err
