@@ -237,3 +237,20 @@ def test_flags_no_run_can_use_are_refused_before_any_work(flags, says, capsys):
         train.get_args(flags)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and f"error: {says}" in err
+
+
+def test_a_folder_of_three_images_holds_one_out_and_reaches_a_checkpoint(tmp_path):
+    from PIL import Image
+    root = tmp_path / "imgs"
+    os.makedirs(root)
+    for i in range(3):
+        Image.new("RGB", (20, 20), (80 * i, 40, 200)).save(root / f"{i}.png")
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "caption": f"blue {i}"}) + "\n"
+                                                 for i in range(3)))
+    out = tmp_path / "out"
+    train.main(tiny_args(out, tmp_path / "cache", "--data", str(root), "--captions", str(tmp_path / "caps.jsonl"),
+                         "--batch-size", "2", "--steps", "2", "--eval-every", "1", "--lpips-weight", "0"))
+    with open(out / "log.jsonl") as f:
+        evals = [r["eval"] for r in map(json.loads, f) if "eval" in r]
+    assert len(evals) == 2 and all(e["psnr"] > 0 for e in evals)  # one held-out image, evaluated each step
+    assert load(out)["step"] == 2 and (out / "tokenizer" / "model.safetensors").is_file()
