@@ -9,8 +9,10 @@ line that names it and the fix. It imports nothing of the project, so any file c
     load_checkpoint  a checkpoint train.py wrote, or one line saying what the file is instead
     load_config      a model's config.json into its config dataclass, or one line naming the file
     load_weights     safetensors weights into a model, or one line naming the first tensor that differs
+    file_digest      a file's sha256: which weights a DiT was trained against
 """
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -169,3 +171,12 @@ def load_weights(model: torch.nn.Module, weights: str, config: str, device="cpu"
     if extra:
         raise UserError(f"{weights} has a tensor {extra[0]!r} that the model of {config} lacks; {fix}")
     model.load_state_dict(state)
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

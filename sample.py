@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data import ShapesDataset, read_jsonl
 from dit import DiT, Diffusion, guided
 from eval_fid import prompt_adherence, to_uint8
-from files import MissingFile, UserError, atomic_write, load_checkpoint, run_main
+from files import MissingFile, UserError, atomic_write, file_digest, load_checkpoint, run_main
 from textok import TexTok, TextEncoder, pretrained_folder
 
 #################################################################################
@@ -53,17 +53,22 @@ def load_dit(path, device="cpu"):
 
 
 def load_tokenizer(path, meta, device="cpu"):
-    """The tokenizer the DiT was trained on; a different one is a clear error (its latents would
-    mean nothing to the DiT)."""
+    """The tokenizer the DiT was trained on; any other is refused, its latents would mean nothing
+    to the DiT: another config (--num-tokens, --text-len, ...) by the first setting that differs,
+    one of the same config trained separately by the sha256 of its weights."""
     path = pretrained_folder(path)
     if not os.path.isdir(path):
         raise MissingFile(f"tokenizer folder {path} not found; pass --tokenizer (train.py writes out/textok/tokenizer)")
     tok = TexTok.from_pretrained(path, device).eval()
-    want = meta["tokenizer_config"]
-    for key in ("num_tokens", "token_dim", "text_encoder", "image_size"):
-        if getattr(tok.cfg, key) != want[key]:
+    fix = f"pass the --tokenizer it was trained with ({meta['tokenizer']}), or train a DiT on this one"
+    for key, want in meta["tokenizer_config"].items():
+        if getattr(tok.cfg, key, want) != want:
             raise UserError(f"tokenizer {path} has {key}={getattr(tok.cfg, key)!r} but the DiT was trained on "
-                            f"{key}={want[key]!r}; pass the --tokenizer it was trained with ({meta['tokenizer']})")
+                            f"{key}={want!r}; {fix}")
+    digest = meta.get("tokenizer_sha256")  # DiTs trained before the digest was recorded have none
+    if digest and file_digest(os.path.join(path, "model.safetensors")) != digest:
+        raise UserError(f"tokenizer {path} has the config of the one the DiT was trained on but other weights "
+                        f"(another sha256): trained separately; {fix}")
     return tok
 
 

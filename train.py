@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import ShardedSampler, load_splits
 from eval_fid import prompt_adherence, psnr, ssim, to_uint8
-from files import MissingFile, UserError, atomic_write, load_checkpoint, run_main, write_json
+from files import MissingFile, UserError, atomic_write, file_digest, load_checkpoint, run_main, write_json
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
                     kl_loss, l2_loss, make_config)
@@ -656,15 +656,6 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
 #                          Stage 2: the DiT on TexTok tokens                    #
 #################################################################################
 
-def file_digest(path):
-    """sha256 of a file, read in 1 MB chunks (keys the latent cache to the tokenizer's weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def latent_cache(tok, dataset, text, key_parts, cache_dir, device, rank, autocast, batch_size=64):
     """
@@ -731,8 +722,9 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
         val_text = text_cache(val_set.captions + [""], encoder_name, text_len, args.cache_dir, enc_device, rank)
     data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set),
                 hashlib.sha256(json.dumps(train_set.captions).encode()).hexdigest()]
+    tok_digest = file_digest(tok_weights)  # keys the latent cache; sample.py checks it against the tokenizer it gets
     latents, stats = latent_cache(tok, train_set, train_text if tok_text else None,
-                                  [file_digest(tok_weights), data_key], args.cache_dir, device, rank, autocast)
+                                  [tok_digest, data_key], args.cache_dir, device, rank, autocast)
     mean = torch.tensor(stats["mean"], device=device).float()
     std = torch.tensor(stats["std"], device=device).float()
 
@@ -745,7 +737,7 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     opt = adamw(raw_model, args.lr, args, device)
     meta = dict(latent_mean=stats["mean"], latent_std=stats["std"], tokenizer=os.path.abspath(args.tokenizer),
-                tokenizer_config=asdict(tcfg), text_encoder=encoder_name, text_len=text_len,
+                tokenizer_config=asdict(tcfg), tokenizer_sha256=tok_digest, text_encoder=encoder_name, text_len=text_len,
                 num_classes=num_classes, data=args.data)
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt-latest.pt")

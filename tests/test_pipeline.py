@@ -155,6 +155,13 @@ def test_sample_errors_name_the_fix(workdir, tmp_path):
     TexTok(dataclasses.replace(cfg, num_tokens=4)).save_pretrained(str(other))
     with pytest.raises(ValueError, match="num_tokens=4"):
         sample.main(["--dit", dit, "--tokenizer", str(other)])
+    # ... and neither can one with another caption length, or one of the same shape trained separately.
+    TexTok(dataclasses.replace(cfg, text_len=16)).save_pretrained(str(other))
+    with pytest.raises(ValueError, match="text_len=16 but the DiT was trained on text_len=32"):
+        sample.main(["--dit", dit, "--tokenizer", str(other)])
+    TexTok(cfg).save_pretrained(str(other))
+    with pytest.raises(ValueError, match="other weights.*trained separately; pass the --tokenizer it was trained with"):
+        sample.main(["--dit", dit, "--tokenizer", str(other)])
     with pytest.raises(ValueError, match="label"):
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"caption": "no label"}\n')
