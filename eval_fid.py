@@ -109,7 +109,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     tr (S1 S2)^(1/2) = tr (R S2 R)^(1/2) with R = S1^(1/2): R S2 R is symmetric PSD, so both
     square roots come from symmetric eigendecompositions (no complex parts to discard, as
     scipy.linalg.sqrtm of the non-symmetric S1 S2 leaves). Tiny negative eigenvalues from
-    round-off are clipped to zero.
+    round-off are clipped to zero, and so is the distance itself.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -117,7 +117,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     R = (V * np.sqrt(np.clip(w, 0, None))) @ V.T  # S1^(1/2)
     M = R @ s2 @ R
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    fid = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    return max(0.0, fid)  # a distance: the round-off of near-equal sets (about -1e-5) is not a score
 
 
 def inception_score(probs, splits=10):
@@ -290,7 +291,7 @@ def load_source(path):
                        if f.lower().endswith(IMAGE_EXTS))
         if not files:
             raise UserError(f"no images ({', '.join(IMAGE_EXTS)}) under {path}")
-        return {"files": files}
+        return {"files": files, "path": path}
     if not os.path.isfile(path):
         raise MissingFile(f"{path} not found: pass a folder of images, an .npz with arr_0, or a stats .npz")
     if not path.endswith(".npz"):
@@ -301,9 +302,15 @@ def load_source(path):
             arr = z["arr_0"]
             if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
                 raise UserError(f"{path}: arr_0 must be uint8 images (n, H, W, 3), got {arr.dtype} {arr.shape}")
+            if len(arr) == 0:
+                raise UserError(f"{path} holds no images (arr_0 has shape {arr.shape}); write some with "
+                                f"sample.py --num-samples N")
             out["images"] = arr
     if not out.keys() & {"images", "mu", "features"}:
         raise UserError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
+    if "mu" in out and "sigma" not in out:
+        raise UserError(f"{path} holds 'mu' but no 'sigma'; write statistics with eval_fid.py stats")
+    out["path"] = path
     return out
 
 
@@ -331,6 +338,25 @@ def image_batches(src, batch_size):
 
 def num_images(src):
     return len(src["images"]) if "images" in src else len(src.get("files", []))
+
+
+def check_counts(samples, ref, k):
+    """Refuses, before any image is processed, sets too small for the scores: FID needs a
+    covariance (at least 2 images each; a statistics .npz serves as the reference), precision and
+    recall more than k images (or stored features) in each set."""
+    if not num_images(samples):
+        raise UserError(f"{samples['path']}: the samples must be images (a folder or an .npz with arr_0), "
+                        f"not statistics")
+    if num_images(samples) < 2:
+        raise UserError(f"{samples['path']} holds {num_images(samples)} image: FID needs at least 2, and is only "
+                        f"comparable at one count (the paper: 50,000); write more with sample.py --num-samples N")
+    n_ref = num_images(ref) or len(ref.get("features", []))
+    if "mu" not in ref and n_ref < 2:
+        raise UserError(f"{ref['path']} holds {n_ref} image(s): a reference needs at least 2 (FID compares "
+                        f"covariances); pass more images, or the statistics of a large set (eval_fid.py stats)")
+    if n_ref and min(n_ref, num_images(samples)) <= k:
+        raise UserError(f"precision/recall with --k {k} needs more than {k} images in each set ({samples['path']}: "
+                        f"{num_images(samples)}, {ref['path']}: {n_ref}); pass more images or a smaller --k")
 
 
 def features_of(src, inception, batch_size, desc):
@@ -432,9 +458,8 @@ def prompt_adherence(images, captions, min_share=0.03):
 
 def evaluate_generation(samples, ref, inception, batch_size=64, k=3, clip_model=None, prompts=None):
     """FID, IS, precision and recall of samples against a reference (+ CLIP score with prompts)."""
+    check_counts(samples, ref, k)  # main has checked already; here for callers of this function
     f_s, p_s, mu_s, sg_s = features_of(samples, inception, batch_size, "samples")
-    if f_s is None:
-        raise UserError("the samples must be images (a folder or an .npz with arr_0), not statistics")
     f_r, _, mu_r, sg_r = features_of(ref, inception, batch_size, "reference")
     out = {"num_samples": len(f_s), "fid": frechet_distance(mu_s, sg_s, mu_r, sg_r)}
     if p_s is not None:
@@ -592,6 +617,13 @@ def adherence_report(path):
             "prompt_adherence": score, "real_images_of_these_prompts": ceiling}
 
 
+def load_inception(args):
+    inception = Inception(args.inception, args.cache_dir)
+    print(f"Inception: {inception.source}" + ("" if inception.has_classifier else
+          " (feature layers only: no Inception Score; pass --inception inception-2015-12-05.pt for IS)"))
+    return inception
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.command == "adherence":  # pixels only: no Inception needed
@@ -600,27 +632,34 @@ def main(argv=None):
         if args.json:
             write_json(args.json, results)
         return results
-    inception = Inception(args.inception, args.cache_dir)
-    print(f"Inception: {inception.source}" + ("" if inception.has_classifier else
-          " (feature layers only: no Inception Score; pass --inception inception-2015-12-05.pt for IS)"))
     if args.command == "stats":
         src = load_source(args.images)
+        if num_images(src) < 2:
+            raise UserError(f"{args.images} holds {num_images(src)} image(s): statistics need at least 2 (a covariance)")
+        inception = load_inception(args)
         feats, _, mu, sigma = features_of(src, inception, args.batch_size, "images")
         save_stats(args.out, mu, sigma, feats)
         results = {"num_images": len(feats), "stats": args.out}
     elif args.command == "gen":
-        results, (f_r, mu_r, sg_r) = evaluate_generation(load_source(args.samples), load_source(args.ref), inception,
-                                                         args.batch_size, args.k, args.clip_model)
+        samples, ref = load_source(args.samples), load_source(args.ref)
+        check_counts(samples, ref, args.k)  # before loading the Inception, let alone running it
+        results, (f_r, mu_r, sg_r) = evaluate_generation(samples, ref, load_inception(args), args.batch_size, args.k,
+                                                         args.clip_model)
         if args.save_ref_stats:
             save_stats(args.save_ref_stats, mu_r, sg_r, f_r)
     else:
         from textok import LPIPS, TexTok, TextEncoder
-        device = inception.device
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         tok = TexTok.from_pretrained(args.tokenizer, device).eval()
         cfg = tok.cfg
         data, which = held_out_images(args.tokenizer, cfg.image_size, args.data, args.captions, args.seed,
                                       args.num_images, args.files)
         print(f"scoring {which}")
+        inception = None
+        if len(data) < 2:  # a folder of under 20 images holds out one
+            print(f"rFID and rIS skipped: they need at least 2 images, and {which} has {len(data)}")
+        else:
+            inception = load_inception(args)
         encoder = None
         if cfg.cond == "text" and cfg.text_in != "none":
             encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device)

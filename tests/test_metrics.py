@@ -69,6 +69,35 @@ def test_fid_of_a_set_with_itself_is_zero_and_order_does_not_matter():
     assert frechet_distance(*stats(x[rng.permutation(500)]), *stats(y[::-1])) == pytest.approx(fid, rel=1e-9)
 
 
+def test_fid_of_a_set_with_itself_never_goes_below_zero():
+    # Fewer images than feature dimensions, as a small sample set of 2048-d Inception features
+    # has: the covariance is rank-deficient, and the round-off of its square root gave -2e-5.
+    x = np.abs(np.random.default_rng(0).standard_normal((50, 256))) * 2
+    s = Stats(256)
+    s.update(x)
+    assert frechet_distance(*s.mu_sigma(), *s.mu_sigma()) == 0.0
+
+
+def test_sets_too_small_to_score_are_refused_before_any_work(tmp_path, monkeypatch):
+    def no_inception(*a, **k):
+        raise AssertionError("the Inception was loaded before the inputs were checked")
+    monkeypatch.setattr(eval_fid, "Inception", no_inception)
+    images = lambda n: np.random.default_rng(n).integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
+    for name, n in (("none", 0), ("one", 1), ("many", 20)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=images(n))
+    gen = lambda samples, ref: eval_fid.main(["gen", str(tmp_path / samples), str(tmp_path / ref)])
+    with pytest.raises(ValueError, match=r"none\.npz holds no images \(arr_0 has shape \(0, 8, 8, 3\)\); write some "
+                                         r"with sample\.py --num-samples"):
+        gen("none.npz", "many.npz")
+    with pytest.raises(ValueError, match=r"one\.npz holds 1 image\(s\): a reference needs at least 2.*eval_fid\.py stats"):
+        gen("many.npz", "one.npz")
+    with pytest.raises(ValueError, match=r"one\.npz holds 1 image: FID needs at least 2.*--num-samples"):
+        gen("one.npz", "many.npz")
+    np.savez(tmp_path / "three.npz", arr_0=images(3))
+    with pytest.raises(ValueError, match=r"--k 3 needs more than 3 images in each set.*three\.npz: 3"):
+        gen("many.npz", "three.npz")
+
+
 def test_streaming_statistics_equal_one_shot():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1000, 16)) * 3 + 5

@@ -254,3 +254,7 @@ def test_a_folder_of_three_images_holds_one_out_and_reaches_a_checkpoint(tmp_pat
         evals = [r["eval"] for r in map(json.loads, f) if "eval" in r]
     assert len(evals) == 2 and all(e["psnr"] > 0 for e in evals)  # one held-out image, evaluated each step
     assert load(out)["step"] == 2 and (out / "tokenizer" / "model.safetensors").is_file()
+    # eval_fid.py scores that one image too: PSNR and SSIM, without the rFID that needs two.
+    import eval_fid
+    res = eval_fid.main(["recon", "--tokenizer", str(out / "tokenizer"), "--no-lpips"])
+    assert res["num_images"] == 1 and res["captions"]["psnr"] > 0 and "rfid" not in res["captions"]
