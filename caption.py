@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
-from files import MissingFile, UserError, atomic_write, run_main
+from files import MissingFile, UserError, atomic_write, flag_error, run_main
 
 PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
           "and positions, and the background. Answer with the description only.")
@@ -231,7 +231,13 @@ def get_args(argv=None):
     p.add_argument("--holdout", default=None, metavar="CAPTIONS", help="split a labelled caption file (see top)")
     p.add_argument("--fraction", type=float, default=0.02, help="share of each class's captions to hold out")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for k in ("max_words", "batch_size"):
+        if getattr(args, k) < 1:
+            flag_error(p, f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    if not 0 < args.fraction < 1:
+        flag_error(p, f"--fraction {args.fraction}: must be between 0 and 1")
+    return args
 
 
 def main(argv=None):

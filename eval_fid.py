@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, load_rgb
-from files import MissingFile, UserError, atomic_write, first_line, run_main, write_json
+from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main, write_json
 
 #################################################################################
 #                      Pixel metrics: PSNR, SSIM (also train.py's)              #
@@ -596,7 +596,12 @@ def get_args(argv=None):
     r.add_argument("--other-captions", action="store_true", help="also evaluate with the next image's caption")
     r.add_argument("--empty-captions", action="store_true", help="also evaluate with empty captions")
     r.add_argument("--no-lpips", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        flag_error(p, f"--batch-size {args.batch_size}: must be at least 1")
+    if getattr(args, "k", 1) < 1:
+        flag_error(p, f"--k {args.k}: must be at least 1")
+    return args
 
 
 def adherence_report(path):

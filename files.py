@@ -3,7 +3,8 @@ Files in and out, for every script: nothing is ever half-written, and a bad file
 line that names it and the fix. It imports nothing of the project, so any file can use it.
 
     UserError        a problem with what the user gave (a flag, a file); the scripts print its
-                     message as one line, `error: ...`, and exit with status 2 (run_main)
+                     message as one line, `error: ...`, and exit with status 2 (run_main; a bad
+                     flag value: flag_error)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
     load_checkpoint  a checkpoint train.py wrote, or one line saying what the file is instead
@@ -44,6 +45,12 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def flag_error(parser, message: str):
+    """Exits as parser.error does (status 2), with the one line only: argparse's usage dump above
+    it would bury it."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from data import ShapesDataset, read_jsonl
 from dit import DiT, Diffusion, guided
 from eval_fid import prompt_adherence, to_uint8
-from files import MissingFile, UserError, atomic_write, file_digest, load_checkpoint, run_main
+from files import MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main
 from textok import TexTok, TextEncoder, pretrained_folder
 
 #################################################################################
@@ -167,7 +167,13 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="grid PNG or .npz path (default: next to the DiT)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 1 <= args.steps <= Diffusion().T:
+        flag_error(p, f"--steps {args.steps}: must be in 1..{Diffusion().T} (the diffusion's steps)")
+    for k in ("per_row", "batch_size"):
+        if getattr(args, k) < 1:
+            flag_error(p, f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    return args
 
 
 def main(argv=None):

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from data import ShardedSampler, load_splits
 from eval_fid import prompt_adherence, psnr, ssim, to_uint8
-from files import MissingFile, UserError, atomic_write, file_digest, load_checkpoint, run_main, write_json
+from files import (MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main,
+                   write_json)
 from dit import DiT, DiT_models, Diffusion, make_dit_config
 from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
                     kl_loss, l2_loss, make_config)
@@ -127,9 +128,8 @@ def get_args(argv=None):
 
 
 def check_args(p, args):
-    """Values no run can use are refused here, before any data is read: one line naming the flag,
-    exit status 2 (as p.error, without the usage dump that would bury the line)."""
-    error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")
+    """Values no run can use are refused here, before any data is read: one line naming the flag."""
+    error = lambda message: flag_error(p, message)
     flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"
     if args.resume and args.overwrite:
         error("--resume continues the run in --out, --overwrite starts it over: pass one of them")

@@ -21,3 +21,18 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path, argv, says):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [run.stderr.strip()] and run.stderr.startswith("error: "), run.stderr
     assert says in run.stderr
+
+
+@pytest.mark.parametrize("script, flags, says", [
+    ("sample", ["--steps", "0"], "--steps 0: must be in 1..1000"),  # the sampler's traceback before
+    ("sample", ["--per-row", "0"], "--per-row 0: must be at least 1"),
+    ("eval_fid", ["--batch-size", "0", "gen", "s.npz", "r.npz"], "--batch-size 0: must be at least 1"),
+    ("eval_fid", ["gen", "s.npz", "r.npz", "--k", "0"], "--k 0: must be at least 1"),
+    ("caption", ["images", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+])
+def test_unusable_flags_are_one_line_at_parse_time(script, flags, says, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(script).get_args(flags)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.strip().splitlines() == [err.strip()] and f"error: {says}" in err
