@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
-from files import MissingFile, UserError, atomic_write, flag_error, run_main
+from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main
 
 PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
           "and positions, and the background. Answer with the description only.")
@@ -105,21 +105,51 @@ def truncate_words(text, n):
 #                                The captioner                                  #
 #################################################################################
 
+def load_vlm(name, dtype):
+    """
+    (processor, model) of a vision-language model: from a local folder or the Hugging Face
+    cache first, without the network; else, online, from the hub once one short request has
+    shown that it is reachable and has the model. (Asked straight away, transformers looks for
+    each of a dozen files in turn and retries each one: 2.5 minutes before it gives up offline.)
+    """
+    import huggingface_hub
+    import huggingface_hub.constants
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    fix = ("pass --model with a local folder or a Hugging Face name that AutoModelForImageTextToText loads, e.g. "
+           "HuggingFaceTB/SmolVLM-256M-Instruct or Salesforce/blip-image-captioning-large")
+
+    def load(**where):
+        return (AutoProcessor.from_pretrained(name, **where),
+                AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **where))
+    try:
+        return load(local_files_only=True)
+    except Exception as e:
+        if os.path.isdir(name):
+            raise MissingFile(f"the vision-language model in {name} does not load ({first_line(e)}); {fix}") from None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise MissingFile(f"vision-language model {name!r} is not in the local Hugging Face cache, and the hub is "
+                          f"offline (HF_HUB_OFFLINE=1): fetch it once online, or {fix}")
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise MissingFile(f"no vision-language model {name!r} on the Hugging Face hub (or it is private); {fix}") from None
+    except Exception as e:  # no network, a proxy, a timeout
+        raise MissingFile(f"vision-language model {name!r} is not in the local Hugging Face cache, and the hub is "
+                          f"unreachable ({first_line(e)}): fetch it once online, or {fix}") from None
+    try:
+        return load()
+    except Exception as e:
+        raise MissingFile(f"could not load the vision-language model {name!r} ({first_line(e)}); {fix}") from None
+
+
 class Captioner:
     """A Hugging Face vision-language model that turns a batch of PIL images into captions."""
 
     def __init__(self, name, max_words=75, device="cpu"):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
         self.device, self.max_words = torch.device(device), max_words
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        try:
-            self.processor = AutoProcessor.from_pretrained(name)
-            self.model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(self.device).eval()
-        except Exception as e:
-            raise MissingFile(f"could not load the vision-language model {name!r} ({e.__class__.__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); pass --model with a Hugging Face name or local "
-                              f"folder that AutoModelForImageTextToText loads, e.g. "
-                              f"HuggingFaceTB/SmolVLM-256M-Instruct or Salesforce/blip-image-captioning-large") from None
+        self.processor, model = load_vlm(name, dtype)
+        self.model = model.to(self.device).eval()
         self.chat = getattr(self.processor, "chat_template", None) is not None
         tok = getattr(self.processor, "tokenizer", None)
         if self.chat and tok is not None:

@@ -121,6 +121,35 @@ def test_held_out_class_captions_are_disjoint_from_training(tmp_path):
     assert sorted(sample.load_class_captions(str(tmp_path / "caps-unseen.jsonl"))) == [0, 1, 2, 3]
 
 
-def test_a_model_that_does_not_load_names_itself(folder, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no-such/vlm"):
+def test_a_model_that_is_not_here_fails_at_once_naming_itself(folder, tmp_path, monkeypatch):
+    # Offline, or online without a network, nothing waits on the hub: the model is looked for in
+    # the local cache only, and at most one short request asks the hub (transformers' own retries
+    # over a dozen files took 2.5 minutes to give up).
+    import huggingface_hub
+    import huggingface_hub.constants
+    import transformers
+    local_only, real = [], transformers.AutoProcessor.from_pretrained
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        lambda name, **kw: (local_only.append(kw.get("local_files_only")), real(name, **kw))[1])
+
+    def hub(answer):
+        def model_info(name, timeout=None):
+            assert timeout is not None and timeout <= 10
+            raise answer
+        monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub(AssertionError("offline, the hub is not asked"))
+    with pytest.raises(FileNotFoundError, match=r"'no-such/vlm' is not in the local Hugging Face cache, and the "
+                                                r"hub is offline \(HF_HUB_OFFLINE=1\)"):
         run(folder, tmp_path / "c.jsonl", "no-such/vlm")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub(ConnectionError("Name or service not known"))
+    with pytest.raises(FileNotFoundError, match=r"'no-such/vlm' is not in the local .* hub is unreachable "
+                                                r"\(ConnectionError: Name or service not known\)"):
+        run(folder, tmp_path / "c.jsonl", "no-such/vlm")
+    from types import SimpleNamespace
+    hub(huggingface_hub.errors.RepositoryNotFoundError("404", response=SimpleNamespace(headers={}, request=None)))
+    with pytest.raises(FileNotFoundError, match=r"no vision-language model 'no-such/vlm' on the Hugging Face hub"):
+        run(folder, tmp_path / "c.jsonl", "no-such/vlm")
+    assert local_only and all(local_only)  # never a download attempt
