@@ -115,6 +115,9 @@ def get_args(argv=None):
     p.add_argument("--disc-channel-max", type=int, default=128, help="512 for the paper's D")
     # systems
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                   help="autocast to bf16 or plain fp32 (default: bf16 on CUDA, fp32 on the CPU; bf16 on the CPU "
+                        "runs the GPU's mixed-precision code path, as the tests do)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=None, help="held-out metrics and image grids")
     p.add_argument("--save-every", type=int, default=None, help="overwrite ckpt-latest.pt")
@@ -862,7 +865,8 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     # bf16 autocast on CUDA (no GradScaler needed for bf16); plain fp32 on the CPU.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     claim_out(args, master)
     os.makedirs(args.out, exist_ok=True)
     run = dict(rank=rank, world=world, device=device, master=master, B=B, use_compile=use_compile, autocast=autocast)

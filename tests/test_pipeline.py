@@ -221,3 +221,44 @@ def test_recon_on_a_folder_scores_only_the_runs_held_out_images(tmp_path):
     (tmp_path / "list.txt").write_text("07.png\n11.png\n")
     res = eval_fid.main(["--batch-size", "4", "recon", "--tokenizer", tok, "--no-lpips", "--files", str(tmp_path / "list.txt")])
     assert res["files"] == ["07.png", "11.png"] and res["num_images"] == 2
+
+
+# The CUDA-only code paths, on the CPU: what a GPU run would hit first, caught here.
+TOKENIZER = ["--image-size", "16", "--patch-size", "4", "--num-tokens", "8", "--text-len", "32", "--batch-size", "8",
+             "--lpips-weight", "0.1", "--disc-start", "1", "--disc-channel-base", "128", "--disc-channel-max", "16",
+             "--warmup-steps", "1", "--log-every", "1", *DATA]
+
+
+def logged(out, key):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r[key] for r in map(json.loads, f) if key in r]
+
+
+def test_bf16_autocast_trains_and_samples_both_stages(workdir, tmp_path):
+    # bf16 autocast on the CPU stands in for the GPU's: fp16 caption caches, bf16 activations and
+    # fp32 losses and weights meet in every step, the evaluations and the DiT's sampling.
+    for precision in ("fp32", "bf16"):
+        train.main([*TOKENIZER, "--steps", "2", "--eval-every", "2", "--precision", precision,
+                    "--out", str(tmp_path / f"tok-{precision}"), "--cache-dir", str(workdir / "cache")])
+        train.main(dit_args(workdir, tmp_path / f"dit-{precision}", "--steps", "2", "--eval-every", "2",
+                            "--precision", precision))
+    for stage, keys in (("tok", ("l2", "lpips", "d")), ("dit", ("loss",))):
+        a, b = tmp_path / f"{stage}-fp32", tmp_path / f"{stage}-bf16"
+        for k in keys:  # bf16 rounds (so the numbers differ), and trains the same step within its precision
+            assert logged(a, k) != logged(b, k) and logged(b, k) == pytest.approx(logged(a, k), rel=0.05), (stage, k)
+        assert all(v.dtype == torch.float32 for v in ckpt(b)["model"].values())  # weights stay fp32
+    assert torch.isfinite(torch.tensor(logged(tmp_path / "tok-bf16", "eval")[-1]["psnr"]))
+    assert 0 <= logged(tmp_path / "dit-bf16", "eval")[-1]["adherence"] <= 1  # sampled and decoded under bf16
+
+
+def test_compiled_steps_of_both_stages(workdir, tmp_path, monkeypatch):
+    # torch.compile's inductor takes 40-50 s per model on a CPU; its "aot_eager" backend traces the
+    # same graphs (forward and backward, graph breaks, the unwrapped model saved) in seconds.
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile(model, backend="aot_eager"))
+    train.main([*TOKENIZER, "--steps", "2", "--eval-every", "2", "--compile", "--out", str(tmp_path / "tok"),
+                "--cache-dir", str(workdir / "cache")])
+    train.main(dit_args(workdir, tmp_path / "dit", "--steps", "2", "--eval-every", "2", "--compile"))
+    for out in ("tok", "dit"):
+        c = ckpt(tmp_path / out)
+        assert c["step"] == 2 and not any(k.startswith(("_orig_mod.", "module.")) for k in c["model"])
