@@ -114,6 +114,7 @@ def load_vlm(name, dtype):
     """
     import huggingface_hub
     import huggingface_hub.constants
+    from huggingface_hub.errors import RepositoryNotFoundError
     from transformers import AutoModelForImageTextToText, AutoProcessor
     fix = ("pass --model with a local folder or a Hugging Face name that AutoModelForImageTextToText loads, e.g. "
            "HuggingFaceTB/SmolVLM-256M-Instruct or Salesforce/blip-image-captioning-large")
@@ -131,7 +132,7 @@ def load_vlm(name, dtype):
                           f"offline (HF_HUB_OFFLINE=1): fetch it once online, or {fix}")
     try:
         huggingface_hub.model_info(name, timeout=10)
-    except huggingface_hub.errors.RepositoryNotFoundError:
+    except RepositoryNotFoundError:
         raise MissingFile(f"no vision-language model {name!r} on the Hugging Face hub (or it is private); {fix}") from None
     except Exception as e:  # no network, a proxy, a timeout
         raise MissingFile(f"vision-language model {name!r} is not in the local Hugging Face cache, and the hub is "

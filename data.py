@@ -271,7 +271,7 @@ def read_jsonl(path: str):
                 yield n, None, f"{path}:{n}: not JSON ({e.msg} at column {e.colno})"
                 continue
             if not isinstance(obj, dict):
-                yield n, None, f"{path}:{n}: not a JSON object ({{\"file\": ..., \"caption\": ...}})"
+                yield n, None, f"{path}:{n}: not a JSON object"
                 continue
             yield n, obj, None
 

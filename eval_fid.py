@@ -344,19 +344,19 @@ def check_counts(samples, ref, k):
     """Refuses, before any image is processed, sets too small for the scores: FID needs a
     covariance (at least 2 images each; a statistics .npz serves as the reference), precision and
     recall more than k images (or stored features) in each set."""
-    if not num_images(samples):
-        raise UserError(f"{samples['path']}: the samples must be images (a folder or an .npz with arr_0), "
-                        f"not statistics")
-    if num_images(samples) < 2:
-        raise UserError(f"{samples['path']} holds {num_images(samples)} image: FID needs at least 2, and is only "
-                        f"comparable at one count (the paper: 50,000); write more with sample.py --num-samples N")
-    n_ref = num_images(ref) or len(ref.get("features", []))
-    if "mu" not in ref and n_ref < 2:
-        raise UserError(f"{ref['path']} holds {n_ref} image(s): a reference needs at least 2 (FID compares "
-                        f"covariances); pass more images, or the statistics of a large set (eval_fid.py stats)")
-    if n_ref and min(n_ref, num_images(samples)) <= k:
-        raise UserError(f"precision/recall with --k {k} needs more than {k} images in each set ({samples['path']}: "
-                        f"{num_images(samples)}, {ref['path']}: {n_ref}); pass more images or a smaller --k")
+    name_s, name_r = samples.get("path", "the samples"), ref.get("path", "the reference")
+    n_s, n_r = num_images(samples), num_images(ref) or len(ref.get("features", []))
+    if not n_s:
+        raise UserError(f"{name_s}: the samples must be images (a folder or an .npz with arr_0), not statistics")
+    if n_s < 2:
+        raise UserError(f"{name_s} holds 1 image: FID needs at least 2, and is only comparable at one count "
+                        f"(the paper: 50,000); write more with sample.py --num-samples N")
+    if "mu" not in ref and n_r < 2:
+        raise UserError(f"{name_r} holds {n_r} image(s): a reference needs at least 2 (FID compares covariances); "
+                        f"pass more images, or the statistics of a large set (eval_fid.py stats)")
+    if n_r and min(n_r, n_s) <= k:
+        raise UserError(f"precision/recall with --k {k} needs more than {k} images in each set ({name_s}: {n_s}, "
+                        f"{name_r}: {n_r}); pass more images or a smaller --k")
 
 
 def features_of(src, inception, batch_size, desc):

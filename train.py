@@ -326,8 +326,9 @@ def load_for_resume(ckpt_path, args, device, master, config):
     torch.set_rng_state(ckpt["rng_cpu"].cpu())
     if device.type == "cuda" and ckpt["rng_cuda"].numel():
         torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+    free = ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")
     changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
-               and k not in ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")}
+               and k not in free}
     if changed and master:
         print(f"warning: resuming {ckpt_path} with changed flags (saved, now): {changed}")
     if master:
@@ -740,8 +741,8 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     opt = adamw(raw_model, args.lr, args, device)
     meta = dict(latent_mean=stats["mean"], latent_std=stats["std"], tokenizer=os.path.abspath(args.tokenizer),
-                tokenizer_config=asdict(tcfg), tokenizer_sha256=tok_digest, text_encoder=encoder_name, text_len=text_len,
-                num_classes=num_classes, data=args.data)
+                tokenizer_config=asdict(tcfg), tokenizer_sha256=tok_digest, text_encoder=encoder_name,
+                text_len=text_len, num_classes=num_classes, data=args.data)
     step = 0
     ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
     if args.resume:
@@ -864,13 +865,13 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     use_compile = device.type == "cuda" if args.compile is None else args.compile
-    # bf16 autocast on CUDA (no GradScaler needed for bf16); plain fp32 on the CPU.
+    # bf16 autocast on CUDA (no GradScaler needed for bf16); plain fp32 on the CPU; --precision picks either.
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    claim_out(args, master)
-    os.makedirs(args.out, exist_ok=True)
     run = dict(rank=rank, world=world, device=device, master=master, B=B, use_compile=use_compile, autocast=autocast)
     try:
+        claim_out(args, master)
+        os.makedirs(args.out, exist_ok=True)
         (train_tokenizer if args.stage == "tokenizer" else train_dit)(args, **run)
         if dist.is_initialized():
             dist.barrier()  # every rank leaves once rank 0 has written its files
