@@ -31,6 +31,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
+from files import UserError, run_main, write_json
+
 VARIANTS = ("none", "tokenizer", "detokenizer", "both")  # Table 4d's rows, in its order
 METRICS = ("psnr", "ssim", "lpips", "rfid")
 
@@ -80,7 +82,7 @@ def get_args(argv=None):
     if args.jobs is None:
         args.jobs = 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
     if args.ablation_tokens and args.ablation_tokens not in args.tokens:
-        raise ValueError(f"--ablation-tokens {args.ablation_tokens} must be one of --tokens {args.tokens}")
+        raise UserError(f"--ablation-tokens {args.ablation_tokens} must be one of --tokens {args.tokens}")
     return args
 
 
@@ -163,10 +165,7 @@ def run_one(run, args, threads):
         train.main(train_argv(args, run, folder))
         result = {**run, "steps": args.steps, "train_seconds": round(time.time() - t0, 1),
                   **evaluate_run(folder, args, run["seed"]), "eval_images": args.eval_images}
-    tmp = os.path.join(folder, "result.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "result.json"))
+    write_json(os.path.join(folder, "result.json"), result)
     return result
 
 
@@ -336,8 +335,7 @@ def report(args, runs, command):
     minutes = sum(r["train_seconds"] for r in results) / 60
     md = markdown(summary, args, minutes)
     out = {"command": command, "settings": sweep_settings(args), "seeds": args.seeds, "runs": results, "summary": summary}
-    with open(os.path.join(args.results, "table1.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(os.path.join(args.results, "table1.json"), out)
     with open(os.path.join(args.results, "table1.md"), "w") as f:
         f.write(md)
     plot(summary, os.path.join(args.results, "table1.png"))
@@ -363,11 +361,10 @@ def main(argv=None):
             saved = json.load(f)
         changed = {k: (saved.get(k), v) for k, v in sweep_settings(args).items() if saved.get(k) != v}
         if changed:
-            raise ValueError(f"{args.out} holds a sweep with other settings (saved, now): {changed}; resume it with "
+            raise UserError(f"{args.out} holds a sweep with other settings (saved, now): {changed}; resume it with "
                              f"the same flags, or pass another --out")
     else:
-        with open(settings_path, "w") as f:
-            json.dump(sweep_settings(args), f, indent=2)
+        write_json(settings_path, sweep_settings(args))
     todo = [run for run in runs if read_result(args, run) is None]
     if not args.report and todo:
         from tqdm import tqdm
@@ -392,4 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
