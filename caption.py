@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
+from devices import distributed
 from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main
 
 PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
@@ -180,7 +181,7 @@ class Captioner:
 #                                   Commands                                    #
 #################################################################################
 
-def caption_folder(args, rank=0, world=1):
+def caption_folder(args, rank=0, world=1, device=None):
     files, labels = find_images(args.data)
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
@@ -192,7 +193,7 @@ def caption_folder(args, rank=0, world=1):
     mine = list(range(len(files)))[i::n]
     done = read_done(path)
     todo = [k for k in mine if files[k] not in done]
-    captioner = Captioner(args.model, args.max_words, "cuda" if torch.cuda.is_available() else "cpu")
+    captioner = Captioner(args.model, args.max_words, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bad = []
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"captioning (shard {i}/{n})", unit="img")
     t0, count = time.time(), 0
@@ -283,22 +284,19 @@ def main(argv=None):
         n = merge(args.out, sorted(glob.glob(args.out + ".shard-*-of-*")))
         print(f"merged into {args.out}: {n} captions")
         return
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ and not args.shard
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    path, _ = caption_folder(args, rank, world)
-    if ddp:
-        dist.barrier()
-        if rank == 0:
-            n = merge(args.out, [f"{args.out}.shard-{r}-of-{world}" for r in range(world)])
-            print(f"merged {world} rank files into {args.out}: {n} captions")
-        dist.destroy_process_group()
-    else:
-        print(f"captions: {path}" + (f"  (merge the shards with: python caption.py {args.data} --out {args.out} --merge)"
-                                     if args.shard else ""))
+    if args.shard:  # one machine's share, by hand: every process is on its own, no process group
+        path, _ = caption_folder(args)
+        print(f"captions: {path}  (merge the shards with: python caption.py {args.data} --out {args.out} --merge)")
+        return
+    with distributed() as (rank, world, device):  # under torchrun each rank captions its share
+        path, _ = caption_folder(args, rank, world, device)
+        if world > 1:
+            dist.barrier()  # every rank's file is complete before rank 0 reads them
+            if rank == 0:
+                n = merge(args.out, [f"{args.out}.shard-{r}-of-{world}" for r in range(world)])
+                print(f"merged {world} rank files into {args.out}: {n} captions")
+        else:
+            print(f"captions: {path}")
 
 
 if __name__ == "__main__":

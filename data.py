@@ -11,6 +11,9 @@ Datasets shared by train.py, sample.py and eval_fid.py.
 Both return (image (3, H, W) float in [-1, 1], index, label (-1: none)). Captions live in
 `.captions` and labels in `.labels` (None when there are no classes), so the text encoder runs
 over them once (train.py caches the embeddings) and never per step.
+
+    prompt_adherence    does an image show what its built-in caption says (colours by cell):
+                        the built-in shapes' text-to-image score
 """
 import json
 import math
@@ -145,6 +148,40 @@ def render(scene, size: int) -> Image.Image:
         else:
             draw.polygon(_polygon(o["shape"], cx, cy, r, o["angle"]), fill=color)
     return canvas.resize((size, size), Image.BOX) if S != size else canvas
+
+
+def prompt_adherence(images, captions, min_share=0.03):
+    """
+    Does each image show what its built-in caption says? The score of text-to-image samples on
+    the built-in shapes (train.py --stage dit logs it, sample.py prints it, eval_fid.py adherence
+    reports it beside real images'). Every pixel is labelled with its nearest named colour (COLORS). The background counts as right when the most common
+    label over the cells the caption leaves empty is the named background colour; an object,
+    when at least `min_share` of the pixels of its named cell (of the 3x3 grid) carry its colour
+    (a small star at 32 px covers about 5% of its cell). An image's score is the share of its
+    checks (background + each object) that pass. Returns (mean score, per-image scores); captions
+    outside the built-in grammar (scene_of) are skipped, with NaN as their score.
+    """
+    palette = np.array(list(COLORS.values()), np.float32)  # (12, 3)
+    names = list(COLORS)
+    scores = []
+    for img, caption in zip(images, captions):
+        scene = scene_of(str(caption))
+        if scene is None:
+            scores.append(float("nan"))
+            continue
+        H, W, _ = img.shape
+        dist = ((img.astype(np.float32)[:, :, None, :] - palette) ** 2).sum(-1)  # (H, W, 12)
+        label = dist.argmin(-1)  # (H, W): index of the nearest named colour
+        rows, cols = np.arange(H) * 3 // H, np.arange(W) * 3 // W  # each pixel's cell row and column
+        cell = rows[:, None] * 3 + cols[None, :]  # (H, W) in 0..8, raster order as data.PLACES
+        used = {o["cell"] for o in scene["objects"]}
+        empty = np.isin(cell, [c for c in range(9) if c not in used])
+        checks = [np.bincount(label[empty], minlength=len(names)).argmax() == names.index(scene["background"])]
+        for o in scene["objects"]:
+            checks.append((label[cell == o["cell"]] == names.index(o["color"])).mean() >= min_share)
+        scores.append(float(np.mean(checks)))
+    scores = np.array(scores)
+    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan"), scores
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -11,6 +11,7 @@ diffusion process it is trained and sampled with. TexTok §3.2 "Generation stage
     DiT             the network: eps_theta(x_t, t, class or caption)
     Diffusion       DDPM forward process, epsilon-prediction loss, DDPM and DDIM samplers,
                     classifier-free guidance
+    generate        latent tokens sampled by the DiT, decoded into images by the detokenizer
 
 Shapes: B batch, N latent tokens, d channels per token (TexTok: 8), D width, Lt text tokens,
 Dt text-embedding width.
@@ -18,6 +19,7 @@ Dt text-embedding width.
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -421,3 +423,31 @@ def guided(model, scale, **cond):
         eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), drop=drop, **both).chunk(2)
         return eps_u + scale * (eps_c - eps_u)
     return eps_fn
+
+
+@torch.no_grad()
+def generate(dit, tok, meta, labels=None, text=None, text_mask=None, dec_text=None, dec_mask=None,
+             cfg_scale=4.0, steps=50, sampler="ddim", eta=0.0, generator=None, device="cpu", autocast=None):
+    """
+    The whole generation stage (TexTok §3.2): images (B, 3, H, W) in [-1, 1]. The DiT samples
+    normalised tokens conditioned on `labels` (B,) or on caption embeddings `text` (B, Lt, Dt) +
+    `text_mask`, with guidance `cfg_scale`; they are un-normalised with the latent statistics
+    the DiT was trained with (`meta`, saved beside it) and decoded by the tokenizer `tok` with
+    the caption `dec_text`/`dec_mask` (None for a tokenizer without text). train.py's sample
+    grids and sample.py both generate through here.
+    """
+    autocast = autocast or nullcontext()
+    B = labels.shape[0] if labels is not None else text.shape[0]
+    cond = dict(y=labels) if dit.cfg.cond == "class" else dict(text=text, text_mask=text_mask)
+
+    def model(x, t, **kw):
+        with autocast:
+            return dit(x, t, **kw).float()
+
+    z = Diffusion().sample(guided(model, cfg_scale, **cond), (B, dit.cfg.num_tokens, dit.cfg.token_dim),
+                           steps=steps, sampler=sampler, eta=eta, generator=generator, device=device)
+    mean = torch.as_tensor(meta["latent_mean"], device=device).float()
+    std = torch.as_tensor(meta["latent_std"], device=device).float()
+    z = z * std + mean  # (B, N, d): back to the tokenizer's scale
+    with autocast:
+        return tok.decode(z, dec_text, dec_mask).float().clamp(-1, 1)

@@ -34,49 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IMAGE_EXTS, load_rgb
+from data import IMAGE_EXTS, load_rgb, prompt_adherence
 from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main, write_json
-
-#################################################################################
-#                      Pixel metrics: PSNR, SSIM (also train.py's)              #
-#################################################################################
-
-
-def to_unit(x):
-    """[-1, 1] float -> [0, 1] float, rounded through uint8 as a saved PNG would be."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
-
-
-def to_uint8(x):
-    """[-1, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3) numpy, the protocol's step 1."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def psnr(a, b):
-    """Peak signal-to-noise ratio in dB per image: 10 log10(1 / MSE), MSE over pixels and channels."""
-    mse = (to_unit(a) - to_unit(b)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def ssim(a, b, window: int = 11, sigma: float = 1.5):
-    """
-    Structural similarity (Wang et al. 2004) per image, averaged over channels: an 11x11 Gaussian
-    window with sigma 1.5, K1 = 0.01, K2 = 0.03 and 'valid' filtering, as in the authors' reference
-    code. Images smaller than the window use a window as large as the image.
-    """
-    x, y = to_unit(a).double(), to_unit(b).double()
-    C = x.shape[1]
-    window = min(window, x.shape[-1], x.shape[-2])
-    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    kernel = torch.outer(g, g).expand(C, 1, window, window).to(x.device)
-    blur = lambda t: F.conv2d(t, kernel, groups=C)  # local Gaussian-weighted mean, per channel
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2  # (K1 L)^2 and (K2 L)^2 with dynamic range L = 1
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).float()
-
+from pixels import psnr, ssim, to_uint8, to_unit
 
 #################################################################################
 #                  Distribution metrics: FID, IS, precision/recall              #
@@ -412,44 +372,6 @@ def clip_score(images, prompts, model_name, batch_size=32, device="cpu"):
             txt = F.normalize(out.text_embeds.float(), dim=-1)
             scores.append((100 * (img * txt).sum(-1)).clamp_min(0).cpu())
     return torch.cat(scores).mean().item()
-
-
-#################################################################################
-#                 Prompt adherence (built-in captions only)                     #
-#################################################################################
-
-def prompt_adherence(images, captions, min_share=0.03):
-    """
-    Does each image show what its built-in caption says? Every pixel is labelled with its
-    nearest named colour (data.COLORS). The background counts as right when the most common
-    label over the cells the caption leaves empty is the named background colour; an object,
-    when at least `min_share` of the pixels of its named cell (of the 3x3 grid) carry its colour
-    (a small star at 32 px covers about 5% of its cell). An image's score is the share of its
-    checks (background + each object) that pass. Returns (mean score, per-image scores); captions
-    outside the built-in grammar (data.scene_of) are skipped, with NaN as their score.
-    """
-    from data import COLORS, scene_of
-    palette = np.array(list(COLORS.values()), np.float32)  # (12, 3)
-    names = list(COLORS)
-    scores = []
-    for img, caption in zip(images, captions):
-        scene = scene_of(str(caption))
-        if scene is None:
-            scores.append(float("nan"))
-            continue
-        H, W, _ = img.shape
-        dist = ((img.astype(np.float32)[:, :, None, :] - palette) ** 2).sum(-1)  # (H, W, 12)
-        label = dist.argmin(-1)  # (H, W): index of the nearest named colour
-        rows, cols = np.arange(H) * 3 // H, np.arange(W) * 3 // W  # each pixel's cell row and column
-        cell = rows[:, None] * 3 + cols[None, :]  # (H, W) in 0..8, raster order as data.PLACES
-        used = {o["cell"] for o in scene["objects"]}
-        empty = np.isin(cell, [c for c in range(9) if c not in used])
-        checks = [np.bincount(label[empty], minlength=len(names)).argmax() == names.index(scene["background"])]
-        for o in scene["objects"]:
-            checks.append((label[cell == o["cell"]] == names.index(o["color"])).mean() >= min_share)
-        scores.append(float(np.mean(checks)))
-    scores = np.array(scores)
-    return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan"), scores
 
 
 #################################################################################

@@ -287,7 +287,7 @@ def plot(summary, path):
 def figure(args, seed, path, count=6):
     """Fig. 1 style: held-out inputs, then baseline and TexTok reconstructions per token count."""
     from data import load_splits
-    from sample import save_image_grid
+    from pixels import save_grid
     from textok import TexTok, TextEncoder
     _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
                               args.skip_bad, progress=False)
@@ -307,7 +307,7 @@ def figure(args, seed, path, count=6):
                 text, mask = encoders.setdefault(key, TextEncoder(*key))(captions)
             cols.append(tok(x, text, mask, sample=False)[0].clamp(-1, 1))
             titles.append(f"{'base' if v == 'none' else 'TexTok'} {n}")
-    save_image_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles)
+    save_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles)
     with open(os.path.splitext(path)[0] + ".txt", "w") as f:
         f.write("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
 

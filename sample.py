@@ -15,18 +15,17 @@ or, for the built-in shapes, captions of freshly generated scenes that no run tr
 """
 import argparse
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import ShapesDataset, read_jsonl
-from dit import DiT, Diffusion, guided
-from eval_fid import prompt_adherence, to_uint8
+from data import ShapesDataset, prompt_adherence, read_jsonl
+from devices import autocast, distributed
+from dit import DiT, Diffusion, generate
 from files import MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main
+from pixels import save_grid, to_uint8
 from textok import TexTok, TextEncoder, pretrained_folder
 
 #################################################################################
@@ -101,51 +100,6 @@ def builtin_class_captions(per_class=64, seed=UNSEEN_SEED):
 
 
 #################################################################################
-#                                  Generation                                   #
-#################################################################################
-
-@torch.no_grad()
-def generate(dit, tok, meta, labels=None, text=None, text_mask=None, dec_text=None, dec_mask=None,
-             cfg_scale=4.0, steps=50, sampler="ddim", eta=0.0, generator=None, device="cpu", autocast=None):
-    """
-    Images (B, 3, H, W) in [-1, 1]: the DiT samples normalised tokens conditioned on `labels` (B,)
-    or on caption embeddings `text` (B, Lt, Dt) + `text_mask`; they are un-normalised with the
-    latent statistics the DiT was trained with and decoded with `dec_text`/`dec_mask`.
-    """
-    autocast = autocast or nullcontext()
-    B = labels.shape[0] if labels is not None else text.shape[0]
-    cond = dict(y=labels) if dit.cfg.cond == "class" else dict(text=text, text_mask=text_mask)
-
-    def model(x, t, **kw):
-        with autocast:
-            return dit(x, t, **kw).float()
-
-    z = Diffusion().sample(guided(model, cfg_scale, **cond), (B, dit.cfg.num_tokens, dit.cfg.token_dim),
-                           steps=steps, sampler=sampler, eta=eta, generator=generator, device=device)
-    mean = torch.as_tensor(meta["latent_mean"], device=device).float()
-    std = torch.as_tensor(meta["latent_std"], device=device).float()
-    z = z * std + mean  # (B, N, d): back to the tokenizer's scale
-    with autocast:
-        return tok.decode(z, dec_text, dec_mask).float().clamp(-1, 1)
-
-
-def save_image_grid(path, rows, titles=None):
-    """rows: list of (C, 3, H, W) tensors, one row each; small images are enlarged (nearest)."""
-    tiles = np.concatenate([np.concatenate(list(to_uint8(r)), axis=1) for r in rows], axis=0)  # (R*H, C*W, 3)
-    scale = max(1, 96 // rows[0].shape[-1])
-    img = Image.fromarray(tiles).resize((tiles.shape[1] * scale, tiles.shape[0] * scale), Image.NEAREST)
-    top = 14 if titles else 0
-    canvas = Image.new("RGB", (img.width, img.height + top), "white")
-    canvas.paste(img, (0, top))
-    if titles:
-        draw, w = ImageDraw.Draw(canvas), img.width // len(titles)
-        for i, name in enumerate(titles):
-            draw.text((i * w + 2, 1), name, fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
-
-
-#################################################################################
 #                                     Main                                      #
 #################################################################################
 
@@ -176,24 +130,13 @@ def get_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = get_args(argv)
-    from train import setup_distributed  # the same torchrun handling as training
-    rank, world, device = setup_distributed()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    master = rank == 0
-
-    dit, meta = load_dit(args.dit, device)
-    tok = load_tokenizer(args.tokenizer or meta["tokenizer"], meta, device)
-    tcfg = tok.cfg
-    t2i = dit.cfg.cond == "text"
-    tok_text = tcfg.cond == "text" and tcfg.text_in != "none"
-    encoder = None
-    if t2i or tok_text:
-        encoder = TextEncoder(meta["text_encoder"], meta["text_len"], device)
-
-    # ---- what to condition on: one (DiT condition, decoding caption) list per output row ----
-    rng = np.random.default_rng(args.seed)
+def plan_rows(args, meta, t2i, tok_text):
+    """
+    What each output row shows, as (DiT labels, DiT prompts, decoding captions, class caption
+    pool): T2I rows are prompts (--prompt, --prompts-file, or unseen built-in captions), each
+    decoded with itself; class rows are classes (--class-id, or the first eight), decoded with
+    captions drawn from the pool of that class's unseen captions when the tokenizer reads text.
+    """
     if t2i:
         if args.class_id is not None:
             raise UserError(f"{args.dit} is a text-to-image DiT; pass --prompt or --prompts-file, not --class-id")
@@ -205,96 +148,110 @@ def main(argv=None):
             if meta["data"] != "builtin":
                 raise UserError("this DiT was trained on your own data: pass --prompt or --prompts-file")
             prompts = ShapesDataset(8, 8, seed=UNSEEN_SEED).captions
-        labels = [None] * len(prompts)
-        dec_captions = prompts
-    else:
-        if args.prompt or args.prompts_file:
-            raise UserError(f"{args.dit} is a class-conditional DiT; pass --class-id, not --prompt")
-        classes = args.class_id if args.class_id is not None else list(range(min(8, meta["num_classes"])))
-        bad = [c for c in classes if not 0 <= c < meta["num_classes"]]
-        if bad:
-            raise UserError(f"--class-id {bad[0]} is outside this DiT's classes 0..{meta['num_classes'] - 1}")
-        if tok_text and args.class_captions is None and meta["data"] != "builtin":
-            raise UserError("a class-conditional DiT on a text-conditioned tokenizer needs unseen captions per "
-                            "class for decoding: pass --class-captions FILE.jsonl ({label, caption} lines)")
-        pool = (load_class_captions(args.class_captions) if args.class_captions
-                else builtin_class_captions() if tok_text else {})
-        missing = [c for c in classes if tok_text and not pool.get(c)]
-        if missing:
-            raise UserError(f"no captions for class {missing[0]} in {args.class_captions or 'the built-in list'}")
-        labels, prompts, dec_captions = classes, [None] * len(classes), [None] * len(classes)
+        return [None] * len(prompts), prompts, prompts, {}
+    if args.prompt or args.prompts_file:
+        raise UserError(f"{args.dit} is a class-conditional DiT; pass --class-id, not --prompt")
+    classes = args.class_id if args.class_id is not None else list(range(min(8, meta["num_classes"])))
+    bad = [c for c in classes if not 0 <= c < meta["num_classes"]]
+    if bad:
+        raise UserError(f"--class-id {bad[0]} is outside this DiT's classes 0..{meta['num_classes'] - 1}")
+    if tok_text and args.class_captions is None and meta["data"] != "builtin":
+        raise UserError("a class-conditional DiT on a text-conditioned tokenizer needs unseen captions per "
+                        "class for decoding: pass --class-captions FILE.jsonl ({label, caption} lines)")
+    pool = (load_class_captions(args.class_captions) if args.class_captions
+            else builtin_class_captions() if tok_text else {})
+    missing = [c for c in classes if tok_text and not pool.get(c)]
+    if missing:
+        raise UserError(f"no captions for class {missing[0]} in {args.class_captions or 'the built-in list'}")
+    return classes, [None] * len(classes), [None] * len(classes), pool
 
-    def conditions(n_per):
-        """Row-major (label, DiT prompt, decoding caption) for n_per samples of each row."""
-        out = []
-        for row in range(len(labels)):
-            for _ in range(n_per):
-                cap = dec_captions[row]
-                if not t2i and tok_text:  # an unseen caption of this class for each sample
-                    cap = pool[labels[row]][rng.integers(len(pool[labels[row]]))]
-                out.append((labels[row], prompts[row], cap))
-        return out
 
-    def run(items, seed):
-        """Generates images for a list of conditions, in batches; returns uint8 (n, H, W, 3)."""
-        images = []
-        for i in tqdm(range(0, len(items), args.batch_size), desc="sampling", disable=not master, unit="batch"):
-            chunk = items[i:i + args.batch_size]
-            y = torch.tensor([c[0] for c in chunk], device=device) if not t2i else None
-            text = mask = dec = dec_mask = None
-            if t2i:
-                text, mask = (v.to(device) for v in encoder([c[1] for c in chunk]))
-            if tok_text:  # T2I decodes with the prompt itself: its embeddings are already here
-                dec, dec_mask = (text, mask) if t2i else (v.to(device) for v in encoder([c[2] for c in chunk]))
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            x = generate(dit, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.steps, args.sampler,
-                         args.eta, g, device, autocast)
-            images.append(to_uint8(x))
-        return np.concatenate(images) if images else np.zeros((0, tcfg.image_size, tcfg.image_size, 3), np.uint8)
+def write_npz(path, parts, every, t2i):
+    """The ADM-style .npz eval_fid.py reads: arr_0, uint8 (K, H, W, 3), rank r's images at rows
+    r, r + world, ... (how the conditions were dealt), plus the prompts (what eval_fid.py's CLIP
+    score compares against) or labels, one per image."""
+    world = len(parts)
+    arr = np.empty((len(every), *parts[0].shape[1:]), np.uint8)
+    for r, part in enumerate(parts):
+        arr[r::world] = part
+    extra = {"prompts": np.array([c[1] for c in every])} if t2i else {"labels": np.array([c[0] for c in every])}
 
-    out_dir = os.path.dirname(os.path.abspath(args.dit.rstrip("/")))  # next to the checkpoint or folder
-    if args.num_samples > 0:
-        # ---- an ADM-style .npz of K images (arr_0, uint8 NHWC), sharded over ranks ----
-        per_row = -(-args.num_samples // len(labels))
-        every = conditions(per_row)[:args.num_samples]  # cycles through the rows evenly
-        mine = run(every[rank::world], args.seed * 1000 + rank)  # this rank's share; gathered below
-        if dist.is_initialized():
-            parts = [None] * world
-            dist.all_gather_object(parts, mine)
-        else:
-            parts = [mine]
-        if master:
-            arr = np.empty((args.num_samples, *parts[0].shape[1:]), np.uint8)
-            for r, part in enumerate(parts):
-                arr[r::world] = part
-            path = args.out or os.path.join(out_dir, f"samples-{args.num_samples}.npz")
-            extra = {"prompts": np.array([c[1] for c in every])} if t2i else {"labels": np.array([c[0] for c in every])}
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
+            np.savez(f, arr_0=arr, **extra)
+    atomic_write(path, write)
+    print(f"wrote {arr.shape[0]} images {arr.shape[1:]} uint8 to {path}")
 
-            def write(tmp):
-                with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
-                    np.savez(f, arr_0=arr, **extra)  # prompts: what eval_fid.py's CLIP score compares against
-            atomic_write(path, write)
-            print(f"wrote {arr.shape[0]} images {arr.shape[1:]} uint8 to {path}")
-    elif master:
-        # ---- a PNG grid: one row per prompt / class ----
-        items = conditions(args.per_row)
-        images = run(items, args.seed)  # (rows * per_row, H, W, 3) uint8
-        imgs = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        rows = list(imgs.view(len(labels), args.per_row, *imgs.shape[1:]))
-        path = args.out or os.path.join(out_dir, "samples.png")
-        save_image_grid(path, rows)
-        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+
+def main(argv=None):
+    args = get_args(argv)
+    with distributed() as (rank, world, device):  # the same torchrun handling as training
+        dit, meta = load_dit(args.dit, device)
+        tok = load_tokenizer(args.tokenizer or meta["tokenizer"], meta, device)
+        t2i = dit.cfg.cond == "text"
+        tok_text = tok.cfg.cond == "text" and tok.cfg.text_in != "none"  # the detokenizer reads a caption
+        encoder = TextEncoder(meta["text_encoder"], meta["text_len"], device) if t2i or tok_text else None
+        labels, prompts, dec_captions, pool = plan_rows(args, meta, t2i, tok_text)
+        rng = np.random.default_rng(args.seed)  # which unseen caption of its class a sample decodes with
+        amp = autocast(device)  # bf16 on CUDA, as in training
+
+        def conditions(n_per):
+            """Row-major (label, DiT prompt, decoding caption) for n_per samples of each row."""
+            out = []
             for row in range(len(labels)):
-                f.write((f"class {labels[row]}" if not t2i else prompts[row]) + "\n")
-        print(f"wrote a {len(rows)} x {args.per_row} grid to {path} (rows listed in {os.path.splitext(path)[0]}.txt)")
-        if t2i:  # built-in prompts: does each sample show what its prompt names? (eval_fid.prompt_adherence)
-            score = prompt_adherence(images, [c[1] for c in items])[0]
-            if score == score:
-                print(f"prompt adherence {score:.3f} (named background right, each named object's colour in its "
-                      f"cell; real images score about 0.99)")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+                for _ in range(n_per):
+                    cap = dec_captions[row]
+                    if not t2i and tok_text:  # an unseen caption of this class for each sample
+                        cap = pool[labels[row]][rng.integers(len(pool[labels[row]]))]
+                    out.append((labels[row], prompts[row], cap))
+            return out
+
+        def draw(items, seed):
+            """Images for a list of conditions, in batches -> uint8 (n, H, W, 3). Batch i's noise
+            comes from (seed, i), so a sample does not depend on what else is drawn."""
+            images = []
+            for i in tqdm(range(0, len(items), args.batch_size), desc="sampling", disable=rank != 0, unit="batch"):
+                chunk = items[i:i + args.batch_size]
+                y = torch.tensor([c[0] for c in chunk], device=device) if not t2i else None  # (b,)
+                text = mask = dec = dec_mask = None
+                if t2i:
+                    text, mask = (v.to(device) for v in encoder([c[1] for c in chunk]))  # (b, Lt, Dt), (b, Lt)
+                if tok_text:  # T2I decodes with the prompt itself: its embeddings are already here
+                    dec, dec_mask = (text, mask) if t2i else (v.to(device) for v in encoder([c[2] for c in chunk]))
+                g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                x = generate(dit, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.steps, args.sampler,
+                             args.eta, g, device, amp)  # (b, 3, H, W)
+                images.append(to_uint8(x))
+            size = tok.cfg.image_size
+            return np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
+
+        out_dir = os.path.dirname(os.path.abspath(args.dit.rstrip("/")))  # next to the checkpoint or folder
+        if args.num_samples > 0:
+            # ---- an .npz of K images for eval_fid.py, the conditions dealt round-robin to the ranks ----
+            every = conditions(-(-args.num_samples // len(labels)))[:args.num_samples]  # cycles through the rows evenly
+            mine = draw(every[rank::world], args.seed * 1000 + rank)
+            parts = [mine]
+            if dist.is_initialized():
+                parts = [None] * world
+                dist.all_gather_object(parts, mine)
+            if rank == 0:
+                write_npz(args.out or os.path.join(out_dir, f"samples-{args.num_samples}.npz"), parts, every, t2i)
+        elif rank == 0:
+            # ---- a PNG grid: one row per prompt / class, listed in a .txt beside it ----
+            items = conditions(args.per_row)
+            images = draw(items, args.seed)  # (rows * per_row, H, W, 3) uint8
+            imgs = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # back to [-1, 1] for the grid
+            path = args.out or os.path.join(out_dir, "samples.png")
+            save_grid(path, list(imgs.view(len(labels), args.per_row, *imgs.shape[1:])),
+                      captions=prompts if t2i else [f"class {c}" for c in labels])
+            print(f"wrote a {len(labels)} x {args.per_row} grid to {path} (rows listed in {os.path.splitext(path)[0]}.txt)")
+            if t2i:  # built-in prompts: does each sample show what its prompt names? (data.prompt_adherence)
+                score = prompt_adherence(images, [c[1] for c in items])[0]
+                if score == score:  # not NaN: some prompts are built-in captions
+                    print(f"prompt adherence {score:.3f} (named background right, each named object's colour in its "
+                          f"cell; real images score about 0.99)")
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has written its file before any rank leaves
 
 
 if __name__ == "__main__":

@@ -18,21 +18,21 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import ShardedSampler, load_splits
-from eval_fid import prompt_adherence, psnr, ssim, to_uint8
+from data import ShardedSampler, load_splits, prompt_adherence
+from devices import autocast as precision_context
+from devices import distributed, mean_across_ranks
+from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
 from files import (MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main,
                    write_json)
-from dit import DiT, DiT_models, Diffusion, make_dit_config
+from pixels import psnr, save_grid, ssim, to_uint8
 from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
                     kl_loss, l2_loss, make_config)
 
@@ -159,29 +159,6 @@ def check_args(p, args):
             error(f"{flag('image_size')} is not a multiple of {flag('patch_size')}")
         if args.image_size < 8 or args.image_size & (args.image_size - 1):
             error(f"{flag('image_size')}: the discriminator needs a power of two, at least 8")
-
-
-#################################################################################
-#                              Distributed helpers                              #
-#################################################################################
-
-def setup_distributed():
-    """DDP when torchrun set RANK/WORLD_SIZE (nccl on CUDA, gloo on CPU); else a single process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-        return rank, world, device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def mean_across_ranks(t):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
 
 
 #################################################################################
@@ -389,27 +366,6 @@ def save_args(args):
     write_json(os.path.join(args.out, "args.json"), vars(args))
 
 
-def save_grid(path, x, recons, captions=None):
-    """Rows of: input | each reconstruction in `recons` (a dict: column title -> images) | the
-    first one's |error| x4. Small images are enlarged, pixels kept sharp. With `captions`, the
-    row captions are written to a .txt beside the PNG."""
-    err = ((next(iter(recons.values())).float() - x.float()).abs().mean(1, keepdim=True) * 2).clamp(0, 1).expand_as(x) * 2 - 1
-    cols = [x, *recons.values(), err]
-    titles = ["input", *recons, "|error| x4"]
-    tiles = np.concatenate([np.concatenate(list(to_uint8(c)), axis=0) for c in cols], axis=1)  # (B*H, cols*W, 3)
-    scale = max(2, 160 // x.shape[-1])  # small images are shown enlarged, pixels kept sharp
-    img = Image.fromarray(tiles).resize((tiles.shape[1] * scale, tiles.shape[0] * scale), Image.NEAREST)
-    canvas = Image.new("RGB", (img.width, img.height + 14), "white")
-    canvas.paste(img, (0, 14))
-    draw, w = ImageDraw.Draw(canvas), img.width // len(cols)
-    for i, name in enumerate(titles):
-        draw.text((i * w + 2, 1), name, fill="black")
-    canvas.save(path)
-    if captions is not None:
-        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-            f.write("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
-
-
 def plot_log(log_path, png_path):
     """The run's curves from its log.jsonl: the training loss terms against the step and, where
     the log has held-out evaluations, their scores (the tokenizer: PSNR with each image's own
@@ -553,7 +509,9 @@ def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast)
                     scores[f"psnr_{name}"].append(psnr(recon[name], x))
             if grid is None:
                 titles = {"own": "recon", "other": "next row's caption", "empty": "empty caption"}
-                grid = (x[:8], {titles[k]: v[:8] for k, v in recon.items()}, val_set.captions[:8] if use_text else None)
+                err = ((recon["own"][:8] - x[:8]).abs().mean(1, keepdim=True) * 2).clamp(0, 1).expand_as(x[:8]) * 2 - 1
+                grid = ([torch.stack(r) for r in zip(x[:8], *(v[:8] for v in recon.values()), err)],
+                        ["input", *(titles[k] for k in recon), "|error| x4"], val_set.captions[:8] if use_text else None)
         out = {k: torch.cat(v).mean().item() for k, v in scores.items() if v}
         if attention is not None:
             out["text_attention"] = {k: [round(a, 4) for a in v] for k, v in attention.items()}
@@ -702,8 +660,6 @@ def latent_cache(tok, dataset, text, key_parts, cache_dir, device, rank, autocas
 
 def train_dit(args, rank, world, device, master, B, use_compile, autocast):
     """--stage dit: a DiT learns the distribution of a trained tokenizer's latent tokens (§3.2)."""
-    from sample import generate, save_image_grid  # the same generation code sample.py runs
-
     # ---- the frozen tokenizer, and the data it was trained on ----
     tok_weights = os.path.join(args.tokenizer, "model.safetensors")
     if not os.path.isfile(tok_weights):
@@ -788,7 +744,7 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
                 rows.append(torch.cat([val_set[i][0][None].to(device).float(), x]))
             images.append(to_uint8(x))
             prompts += [val_set.captions[i]] * k
-        save_image_grid(path, rows, ["held-out", "samples ->"])
+        save_grid(path, rows, ["held-out", "samples ->"])
         if scored == rows_scored:
             return {"adherence": prompt_adherence(np.concatenate(images), prompts)[0]}
         return {}
@@ -857,28 +813,21 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = setup_distributed()
-    master = rank == 0
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
-    B = args.batch_size // world  # this rank's share of the global batch
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    # bf16 autocast on CUDA (no GradScaler needed for bf16); plain fp32 on the CPU; --precision picks either.
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    run = dict(rank=rank, world=world, device=device, master=master, B=B, use_compile=use_compile, autocast=autocast)
-    try:
+    with distributed() as (rank, world, device):
+        master = rank == 0
+        if args.batch_size % world:
+            raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
+        B = args.batch_size // world  # this rank's share of the global batch
+        torch.manual_seed(args.seed + rank)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        use_compile = device.type == "cuda" if args.compile is None else args.compile
+        autocast = precision_context(device, args.precision)
+        run = dict(rank=rank, world=world, device=device, master=master, B=B, use_compile=use_compile, autocast=autocast)
         claim_out(args, master)
         os.makedirs(args.out, exist_ok=True)
         (train_tokenizer if args.stage == "tokenizer" else train_dit)(args, **run)
         if dist.is_initialized():
             dist.barrier()  # every rank leaves once rank 0 has written its files
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     run_main(main)

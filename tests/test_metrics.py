@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from eval_fid import psnr, ssim
+from pixels import psnr, ssim
 
 
 def from_u8(v, shape=(1, 3, 8, 8)):
@@ -198,7 +198,7 @@ def test_inception_features_separate_real_from_noised(tmp_path):
 
 def test_prompt_adherence_scores_rendered_scenes_top_and_wrong_colours_low():
     import copy
-    from data import COLORS, ShapesDataset, render
+    from data import COLORS, ShapesDataset, prompt_adherence, render
     data = ShapesDataset(60, 32, seed=7)
     real = np.stack([np.asarray(render(s, 32)) for s in data.scenes])
     names = list(COLORS)
@@ -209,11 +209,11 @@ def test_prompt_adherence_scores_rendered_scenes_top_and_wrong_colours_low():
         for o in t["objects"]:
             o["color"] = names[(names.index(o["color"]) + 5) % len(names)]
         wrong.append(np.asarray(render(t, 32)))
-    top, per_image = eval_fid.prompt_adherence(real, data.captions)
-    low, _ = eval_fid.prompt_adherence(np.stack(wrong), data.captions)
+    top, per_image = prompt_adherence(real, data.captions)
+    low, _ = prompt_adherence(np.stack(wrong), data.captions)
     assert top > 0.95 and low < 0.25 and per_image.shape == (60,)
     # A caption outside the built-in grammar is skipped, not scored.
-    score, per_image = eval_fid.prompt_adherence(real[:2], [data.captions[0], "a photo of a dog"])
+    score, per_image = prompt_adherence(real[:2], [data.captions[0], "a photo of a dog"])
     assert np.isnan(per_image[1]) and score == per_image[0]
 
 

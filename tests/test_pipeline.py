@@ -17,6 +17,7 @@ import sample
 import train
 from conftest import kill_after_checkpoint
 from data import ShapesDataset
+from pixels import psnr
 from textok import TexTok, TextEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,9 +192,9 @@ def test_reconstruction_metrics_of_a_trained_tokenizer(workdir, tmp_path):
         recon = tok(x, *enc(data.captions), sample=False)[0]
         recon1 = tok(x, *enc(data.captions[1:] + data.captions[:1]), sample=False)[0]
         recon0 = tok(x, *enc([""] * 8), sample=False)[0]
-    assert res["captions"]["psnr"] == pytest.approx(eval_fid.psnr(recon, x).mean().item(), rel=1e-4)
-    assert res["other captions"]["psnr"] == pytest.approx(eval_fid.psnr(recon1, x).mean().item(), rel=1e-4)
-    assert res["empty captions"]["psnr"] == pytest.approx(eval_fid.psnr(recon0, x).mean().item(), rel=1e-4)
+    assert res["captions"]["psnr"] == pytest.approx(psnr(recon, x).mean().item(), rel=1e-4)
+    assert res["other captions"]["psnr"] == pytest.approx(psnr(recon1, x).mean().item(), rel=1e-4)
+    assert res["empty captions"]["psnr"] == pytest.approx(psnr(recon0, x).mean().item(), rel=1e-4)
 
 
 @needs_inception
