@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from files import MissingFile, UserError, atomic_write, load_config, load_weights, write_json
 
 
+CONDS = ("class", "text")  # the original DiT (a class label), or DiT-T2I (cross-attention to the caption)
+
+
 @dataclass
 class DiTConfig:
     num_tokens: int = 32  # N: TexTok's latent tokens, the DiT's sequence length
@@ -44,8 +47,8 @@ class DiTConfig:
     dropout_prob: float = 0.1  # label / caption dropout for classifier-free guidance (DiT, PixArt: 0.1)
 
     def __post_init__(self):
-        if self.cond not in ("class", "text"):
-            raise UserError(f"cond must be 'class' or 'text', got {self.cond!r}")
+        if self.cond not in CONDS:
+            raise UserError(f"cond must be one of {CONDS}, got {self.cond!r}")
         if self.cond == "text" and self.text_dim <= 0:
             raise UserError("a text-to-image DiT (cond='text') needs text_dim, the caption-embedding width")
         if self.width % self.heads:
@@ -95,12 +98,13 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class label -> D, with one extra row for the null class that classifier-free guidance
-    uses. During training, labels are replaced by the null class with probability dropout_prob,
-    so the same network also learns the unconditional model."""
+    uses. During training, labels are replaced by the null class where `drop` says (train.py
+    draws it with probability DiTConfig.dropout_prob), so the same network also learns the
+    unconditional model."""
 
-    def __init__(self, num_classes, width, dropout_prob):
+    def __init__(self, num_classes, width):
         super().__init__()
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.num_classes = num_classes
         self.table = nn.Embedding(num_classes + 1, width)
 
     def forward(self, labels, drop=None):
@@ -225,7 +229,7 @@ class DiT(nn.Module):
         self.register_buffer("pos", sincos_1d(cfg.num_tokens, D), persistent=False)  # (1, N, D)
         self.t_embed = TimestepEmbedder(D)
         if cfg.cond == "class":
-            self.y_embed = LabelEmbedder(cfg.num_classes, D, cfg.dropout_prob)
+            self.y_embed = LabelEmbedder(cfg.num_classes, D)
         else:
             # The caption reaches the blocks through cross-attention only; c is the timestep
             # alone, as in PixArt-alpha (TexTok §4.1 adds just the cross-attention layer).
