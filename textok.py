@@ -13,6 +13,7 @@ Contents:
     TexTokConfig, TexTok_models      the config and the named sizes (paper Table 4e)
     TextEncoder                      frozen Hugging Face text encoder (T5 / CLIP / any AutoModel)
     TexTok                           tokenizer + detokenizer, every conditioning variant ablated
+    init_locality                    our init: attention that starts by position (not in the paper)
     Discriminator                    StyleGAN2-style residual discriminator (~24M params at 256 px)
     LPIPS, l2/kl/gan/LeCAM losses    the training objective (§3.2, following MAGVIT-v2 [49])
 """
@@ -38,7 +39,7 @@ from files import MissingFile, UserError, atomic_write, load_config, load_weight
 TEXT_IN = ("none", "tokenizer", "detokenizer", "both")  # where text enters (Table 4d)
 TEXT_MODES = ("in-context", "cross-attn")  # how it enters (Table 4c)
 CONDS = ("text", "class")  # captions, or a learnable class embedding (Table 4a)
-INITS = ("local", "vit")  # weight initialisation: TexTok.initialize_weights explains both
+INITS = ("local", "vit")  # the ViT init plus our locality init (init_locality), or the ViT init alone
 
 
 @dataclass
@@ -207,8 +208,19 @@ class TextEncoder:
 #                               Transformer layers                              #
 #################################################################################
 
+class AttentionWeights(NamedTuple):
+    """Views of an Attention layer's four (D, D) projection matrices, rows = output channels and
+    columns = input channels; in query, key and value, head h owns rows [h D/H, (h+1) D/H).
+    Writing into a view writes into the layer (under torch.no_grad)."""
+    query: torch.Tensor  # q.weight
+    key: torch.Tensor  # kv.weight[:D]
+    value: torch.Tensor  # kv.weight[D:]
+    output: torch.Tensor  # proj.weight
+
+
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention; self-attention if ctx is None."""
+    """Multi-head attention through F.scaled_dot_product_attention; self-attention if ctx is None.
+    Keys and values come from one Linear, kv, whose first D outputs are the keys (weights())."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -228,6 +240,11 @@ class Attention(nn.Module):
             mask = mask[:, None, None, :]  # (B, 1, 1, S'), broadcast over heads and queries
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, D/H)
         return self.proj(x.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
+
+    def weights(self) -> AttentionWeights:
+        """The projection matrices, by role, for code that sets them by hand (init_locality)."""
+        D = self.q.weight.shape[0]
+        return AttentionWeights(self.q.weight, self.kv.weight[:D], self.kv.weight[D:], self.proj.weight)
 
 
 class Block(nn.Module):
@@ -362,17 +379,6 @@ class Posterior(NamedTuple):
         return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean)
 
 
-def sincos_2d(C, ys, xs, grid):
-    """2D sin-cos codes (len(ys), C) of positions in patch units. Frequencies run geometrically
-    from pi (neighbours differ by a half turn) down to pi / (2 grid) (one half turn across the
-    image), so the dot product of two codes falls off sharply with distance, unlike the usual
-    1/10000^k frequencies, which barely tell neighbouring patches apart on a small grid."""
-    F_ = C // 4
-    omega = math.pi * (2.0 * grid) ** (-torch.arange(F_) / max(F_ - 1, 1))  # (F,)
-    ay, ax = ys[:, None] * omega, xs[:, None] * omega  # (L, F) each
-    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)  # (L, C)
-
-
 def patchify(x, p):
     """(B, 3, H, W) -> (B, hw, 3*p*p), patches in raster order."""
     B, C, H, W = x.shape
@@ -427,101 +433,7 @@ class TexTok(nn.Module):
         # still regularises the variance from there.
         nn.init.constant_(self.to_moments.bias[self.cfg.token_dim:], -6.0)
         if self.cfg.init == "local":
-            self.init_local_attention()
-            self.init_content_scale()
-
-    @torch.no_grad()
-    def init_content_scale(self):
-        """
-        Part of the "local" init (ours): the three projections through the narrow places of the
-        model (patch_embed 3p^2 -> D, to_moments D -> d means, latent_proj d -> D) start at the
-        fan-in scale, std 1/sqrt(fan_in) (LeCun), instead of ViT's 0.02, which is tuned for a
-        fan-in near the width. At 0.02 a fresh detokenizer's output moved 15-45x more when the
-        caption changed than when the image tokens did (TexTok-T, 32 px, 2-8 tokens): the tokens'
-        content arrived at ~1% of the text tokens' scale, so the caption drowned the image, and a
-        text model learned from its tokens more slowly than the no-text baseline. At fan-in scale
-        the two arrive at comparable size (README, "Where the caption starts"). The code channels
-        of patch_embed / latent_proj stay zero (see init_local_attention).
-        """
-        C2 = 2 * self.code_channels()
-        d = self.cfg.token_dim
-        for weight in (self.patch_embed.weight, self.latent_proj.weight, self.to_moments.weight[:d]):
-            nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
-        self.patch_embed.weight[:C2] = 0
-        self.latent_proj.weight[:C2] = 0
-
-    def code_channels(self) -> int:
-        """C, the residual channels per group that the local init gives to position codes."""
-        cfg = self.cfg
-        return min(32, cfg.width // cfg.heads, cfg.width // 4) // 4 * 4  # sin, cos of y and x: a multiple of 4
-
-    @torch.no_grad()
-    def init_local_attention(self):
-        """
-        Start every attention layer attending *by position*, between the two sides it must link:
-        in the tokenizer each latent token reads the patches around its own place on the image,
-        in the detokenizer each patch reads the latent tokens around its own place. Only the
-        starting values change; all of them are trained as usual.
-
-        Why: with the plain ViT init (above) every attention starts uniform, and a uniform
-        average of patches carries only the image's mean colour into the latent tokens (and a
-        uniform average of latent tokens only their mean back out). Learning to route by
-        position needs both sides to do it at once, and on the built-in dataset a 1.7M-parameter
-        TexTok sat at the mean colour for 3,000 steps (README). With this init the default run
-        leaves that plateau within 400 steps at each of the seeds we tried (README has the
-        measurements, and what each part of the init contributes). It is our addition, in the
-        spirit of "mimetic" initialisation (Trockman & Kolter, 2023); the paper does not say how
-        it initialises.
-
-        How: C channels of the residual stream carry 2D sin-cos codes of position, in two
-        groups: group A holds where a patch is (patch positions P and P'), group B where a
-        latent token is (L and Z'; the N tokens are laid on a rows x cols grid over the image).
-        Patch and latent projections write nothing into those channels at first, so the codes
-        are clean. Then in each head the tokenizer's queries read group B and its keys group A
-        (latent asks, patch answers), the detokenizer's the other way round. Codes at the same
-        place give a dot product of about 6 after LayerNorm, codes far apart much less. Last,
-        each attention layer's value and output projections start with a scaled identity on the
-        other channels, so what a token attends to is passed on rather than scrambled and shrunk.
-        (Mimetic initialisation starts value x output near *minus* identity, the sign it found in
-        trained vision ViTs; we use plus, a plain copy, and have not compared the two.)
-        """
-        cfg, D = self.cfg, self.cfg.width
-        head_dim = D // cfg.heads
-        C = self.code_channels()  # code channels per group
-        if C == 0:
-            return
-        g, N = cfg.grid, cfg.num_tokens
-        rows = max(r for r in range(1, int(math.isqrt(N)) + 1) if N % r == 0)
-        cols = N // rows
-        patch_code = sincos_2d(C, torch.arange(g).repeat_interleave(g) + 0.5, torch.arange(g).repeat(g) + 0.5, g)
-        ys = (torch.arange(rows).repeat_interleave(cols) + 0.5) * g / rows
-        xs = (torch.arange(cols).repeat(rows) + 0.5) * g / cols
-        latent_code = sincos_2d(C, ys, xs, g)  # (N, C), in patch units like patch_code
-        A, B = slice(0, C), slice(C, 2 * C)
-        for param, group, code in ((self.enc_pos, A, patch_code), (self.patch_tokens, A, patch_code),
-                                   (self.latent_tokens, B, latent_code), (self.dec_pos, B, latent_code)):
-            param.zero_()
-            param[0, :, group] = code
-        for proj in (self.patch_embed, self.latent_proj):  # content stays out of the code channels
-            proj.weight[: 2 * C] = 0
-        # q·k = alpha^2 |LN(code)|^2 ~ alpha^2 D at the same place; divided by sqrt(head_dim).
-        alpha = math.sqrt(6.0 * math.sqrt(head_dim) / D)
-        eye = alpha * torch.eye(C)
-        for vit, q_group, k_group in ((self.encoder, B, A), (self.decoder, A, B)):
-            for block in vit.blocks:
-                for h in range(cfg.heads):
-                    out = slice(h * head_dim, h * head_dim + C)  # the first C dims of head h
-                    block.attn.q.weight[out, q_group] += eye
-                    block.attn.kv.weight[out, k_group] += eye  # rows [0, D) of kv are the keys
-        # The value path starts as a copy: value and output projections each add 0.5 x identity
-        # on the content channels, so attention hands on a quarter of what it reads, in the same
-        # channels, on top of the random projections. Without it the image's content reaches the
-        # latent tokens at ~1% of the position codes' size, below the posterior's sampling noise.
-        copy = 0.5 * torch.eye(D - 2 * C)
-        for vit in (self.encoder, self.decoder):
-            for block in vit.blocks:
-                block.attn.kv.weight[D + 2 * C:, 2 * C:] += copy  # rows [D, 2D) of kv are the values
-                block.attn.proj.weight[2 * C:, 2 * C:] += copy
+            init_locality(self)  # ours, not in the paper: see "Locality init" below
 
     def encoder_input(self, images):
         """The tokenizer's image side: projected patches P + learnable image tokens L (§3.2)."""
@@ -609,6 +521,140 @@ def pretrained_folder(name: str) -> str:
         raise MissingFile(f"{name} is not a local folder, and the Hugging Face hub could not give it "
                           f"({e.__class__.__name__}); offline, pass a folder that train.py wrote (e.g. "
                           f"out/textok/tokenizer), or fetch {name} once while online") from None
+
+
+#################################################################################
+#            Locality init: attention that starts by position (ours)            #
+#################################################################################
+# Ours, not in the paper (which does not say how TexTok is initialised). With the plain ViT
+# init (TexTok.initialize_weights) every attention layer starts uniform, and a uniform average of
+# patches carries only the image's mean colour into the latent tokens (and a uniform average of
+# latent tokens only their mean back out). Learning to route by position needs both sides to do
+# it at once: on the built-in dataset a 1.7M-parameter TexTok sat at the mean colour for 3,000
+# steps (README). With the "local" init (--init local, the default) the default run leaves that
+# plateau within 400 steps at each seed we tried (README has the measurements, and what each
+# step below contributes). Only starting values change; all of them are trained as usual. It is
+# in the spirit of "mimetic" initialisation (Trockman & Kolter, 2023).
+#
+# How: C channels of the residual stream, in two groups, carry 2D sin-cos codes of position
+# (group A: where a patch is; group B: where a latent token is), and every attention layer starts
+# linking the two sides by them:
+#     1. position codes         the position parameters hold the codes, and nothing else
+#     2. query/key alignment    per head, queries read one group and keys the other
+#     3. value copy             values and outputs start near a copy of the content channels
+#     4. content scale          the projections through the model's narrow places start at the
+#                               fan-in scale, and write nothing into the code channels
+
+
+def init_locality(model):
+    """The four steps below, on a freshly ViT-initialised TexTok (in this order: only step 4
+    draws random numbers, so a seed gives the same weights as it always has)."""
+    C = code_channels(model.cfg)
+    if C > 0:
+        write_position_codes(model, C)
+        align_queries_and_keys(model, C)
+        copy_values(model, C)
+    scale_content(model, C)
+
+
+def code_channels(cfg) -> int:
+    """C, the code channels per group: at most 32, a head's width and a quarter of the width, and
+    a multiple of 4 (sin and cos of y and of x)."""
+    return min(32, cfg.width // cfg.heads, cfg.width // 4) // 4 * 4
+
+
+def sincos_2d(C, ys, xs, grid):
+    """2D sin-cos codes (len(ys), C) of positions in patch units. Frequencies run geometrically
+    from pi (neighbours differ by a half turn) down to pi / (2 grid) (one half turn across the
+    image), so the dot product of two codes falls off sharply with distance, unlike the usual
+    1/10000^k frequencies, which barely tell neighbouring patches apart on a small grid."""
+    F_ = C // 4
+    omega = math.pi * (2.0 * grid) ** (-torch.arange(F_) / max(F_ - 1, 1))  # (F,)
+    ay, ax = ys[:, None] * omega, xs[:, None] * omega  # (L, F) each
+    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)  # (L, C)
+
+
+def grid_codes(cfg, C):
+    """The codes of every patch (hw, C) and latent token (N, C), in patch units: the N tokens are
+    laid on a rows x cols grid over the image (rows the largest divisor of N up to sqrt(N))."""
+    g, N = cfg.grid, cfg.num_tokens
+    rows = max(r for r in range(1, int(math.isqrt(N)) + 1) if N % r == 0)
+    cols = N // rows
+    patch_code = sincos_2d(C, torch.arange(g).repeat_interleave(g) + 0.5, torch.arange(g).repeat(g) + 0.5, g)
+    ys = (torch.arange(rows).repeat_interleave(cols) + 0.5) * g / rows
+    xs = (torch.arange(cols).repeat(rows) + 0.5) * g / cols
+    return patch_code, sincos_2d(C, ys, xs, g)  # (hw, C), (N, C)
+
+
+@torch.no_grad()
+def write_position_codes(model, C):
+    """Step 1. Group A, channels [0, C), holds where a patch is: the position embedding of P and the
+    learned patch tokens P'. Group B, [C, 2C), holds where a latent token is: the learned latent
+    tokens L and the position embedding of Z'. All their other channels start at zero."""
+    patch_code, latent_code = grid_codes(model.cfg, C)
+    A, B = slice(0, C), slice(C, 2 * C)
+    for param, group, code in ((model.enc_pos, A, patch_code), (model.patch_tokens, A, patch_code),
+                               (model.latent_tokens, B, latent_code), (model.dec_pos, B, latent_code)):
+        param.zero_()
+        param[0, :, group] = code  # (1, L, D) parameter, (L, C) code
+
+
+@torch.no_grad()
+def align_queries_and_keys(model, C):
+    """Step 2. In each head the tokenizer's queries read group B and its keys group A (a latent
+    token asks, the patches around its place answer); the detokenizer's the other way round (a
+    patch asks, the latent tokens around it answer). alpha sets the logit of a query and a key at
+    the same place: q.k = alpha^2 |LN(code)|^2 ~ alpha^2 D, divided by sqrt(head_dim), about 6,
+    and much less for codes far apart."""
+    cfg, D = model.cfg, model.cfg.width
+    head_dim = D // cfg.heads
+    A, B = slice(0, C), slice(C, 2 * C)
+    alpha = math.sqrt(6.0 * math.sqrt(head_dim) / D)
+    eye = alpha * torch.eye(C)  # (C, C)
+    for vit, q_group, k_group in ((model.encoder, B, A), (model.decoder, A, B)):
+        for block in vit.blocks:
+            w = block.attn.weights()
+            for h in range(cfg.heads):
+                out = slice(h * head_dim, h * head_dim + C)  # the first C dims of head h
+                w.query[out, q_group] += eye
+                w.key[out, k_group] += eye
+
+
+@torch.no_grad()
+def copy_values(model, C):
+    """Step 3. The value and output projections each add 0.5 x identity on the content channels
+    (all but the codes), so attention hands on a quarter of what it reads, in the same channels,
+    on top of the random projections: what a token attends to is passed on rather than scrambled
+    and shrunk. Without it the image's content reaches the latent tokens at ~1% of the codes' size,
+    below the posterior's sampling noise. (Mimetic initialisation starts value x output near
+    *minus* identity, the sign it found in trained vision ViTs; we use plus, a plain copy, and
+    have not compared the two.)"""
+    D = model.cfg.width
+    content = slice(2 * C, D)
+    copy = 0.5 * torch.eye(D - 2 * C)  # (D - 2C, D - 2C)
+    for vit in (model.encoder, model.decoder):
+        for block in vit.blocks:
+            w = block.attn.weights()
+            w.value[content, content] += copy
+            w.output[content, content] += copy
+
+
+@torch.no_grad()
+def scale_content(model, C):
+    """Step 4. The three projections through the narrow places of the model (patch_embed 3p^2 -> D,
+    to_moments D -> d means, latent_proj d -> D) start at the fan-in scale, std 1/sqrt(fan_in)
+    (LeCun), instead of ViT's 0.02, which is tuned for a fan-in near the width. At 0.02 a fresh
+    detokenizer's output moved 15-45x more when the caption changed than when the image tokens did
+    (TexTok-T, 32 px, 2-8 tokens): the tokens' content arrived at ~1% of the text tokens' scale, so
+    the caption drowned the image, and a text model learned from its tokens more slowly than the
+    no-text baseline. At fan-in scale the two arrive at comparable size (README, "Where the caption
+    starts"). The patch and latent projections write nothing into the code channels, so the codes
+    stay clean."""
+    d = model.cfg.token_dim
+    for weight in (model.patch_embed.weight, model.latent_proj.weight, model.to_moments.weight[:d]):
+        nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
+    model.patch_embed.weight[:2 * C] = 0
+    model.latent_proj.weight[:2 * C] = 0
 
 
 #################################################################################
