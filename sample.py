@@ -244,7 +244,7 @@ def main(argv=None):
             path = args.out or os.path.join(out_dir, "samples.png")
             save_grid(path, list(imgs.view(len(labels), args.per_row, *imgs.shape[1:])),
                       captions=prompts if t2i else [f"class {c}" for c in labels])
-            print(f"wrote a {len(labels)} x {args.per_row} grid to {path} (rows listed in {os.path.splitext(path)[0]}.txt)")
+            print(f"wrote a {len(labels)} x {args.per_row} grid to {path} (rows in {os.path.splitext(path)[0]}.txt)")
             if t2i:  # built-in prompts: does each sample show what its prompt names? (data.prompt_adherence)
                 score = prompt_adherence(images, [c[1] for c in items])[0]
                 if score == score:  # not NaN: some prompts are built-in captions

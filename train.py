@@ -1,15 +1,22 @@
 """
-Trains TexTok (--stage tokenizer) on one CPU, one GPU, or many GPUs and nodes, with one code path.
+Trains the paper's two stages (§3.2) on one CPU, one GPU, or many GPUs and nodes, with one code
+path: TexTok (--stage tokenizer), then a DiT on its latent tokens (--stage dit).
 
     python train.py                                    # tiny TexTok on the built-in shapes, CPU ok
+    python train.py --stage dit                        # a tiny DiT on that tokenizer's tokens
     python train.py --model TexTok-B --image-size 256 --patch-size 16 --num-tokens 128 \\
         --data /data/imagenet/train --captions captions.jsonl --text-encoder t5-xl --batch-size 256
     torchrun --nproc_per_node=8 train.py ...           # DDP: same flags, --batch-size is global
 
-What a step does (paper §3.2, losses following MAGVIT-v2 [49] and TiTok [50]):
-    images + cached caption embeddings -> TexTok -> reconstruction
-    tokenizer loss = l2 + lpips + kl  (+ hinge GAN once the discriminator has started)
-    discriminator loss = hinge(real, fake) + LeCAM(real, fake)
+What a step does (losses following MAGVIT-v2 [49] and TiTok [50]; the DiT as DiT trains it):
+    tokenizer  images + cached caption embeddings -> TexTok -> reconstruction
+               tokenizer loss = l2 + lpips + kl  (+ hinge GAN once the discriminator has started)
+               discriminator loss = hinge(real, fake) + LeCAM(real, fake)
+    dit        cached latent tokens of the frozen tokenizer, noised at a random timestep -> the
+               DiT predicts the noise (DDPM's epsilon loss), given a class or the caption
+
+The file, top to bottom: flags; data and the caches of frozen features; the optimisation recipe;
+checkpoints; `Run`, the machinery both stages share; each stage as one function; main.
 """
 import argparse
 import copy
@@ -27,15 +34,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import ShardedSampler, load_splits, prompt_adherence
-from devices import autocast as precision_context
-from devices import distributed, mean_across_ranks
+from devices import autocast, distributed, mean_across_ranks
+from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import (MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main,
-                   write_json)
+from files import MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main, write_json
 from pixels import psnr, save_grid, ssim, to_uint8
-from textok import (INITS, LPIPS, TexTok, TexTok_models, TextEncoder, Discriminator, LeCAM, d_loss, g_loss,
-                    kl_loss, l2_loss, make_config)
+from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
+                    TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
 
+#################################################################################
+#                                     Flags                                     #
+#################################################################################
 
 # Flags whose default depends on the stage: the tokenizer recipe (MAGVIT-v2 / TiTok style,
 # shrunk to finish in minutes on a CPU) and the DiT recipe (DiT: AdamW, no weight decay,
@@ -49,8 +58,9 @@ STAGE_DEFAULTS = {
 
 
 def get_args(argv=None):
+    """The flags, the stage's defaults filled in, values no run can use refused (check_args)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="tokenizer", choices=["tokenizer", "dit"], help="what to train")
+    p.add_argument("--stage", default="tokenizer", choices=list(STAGE_DEFAULTS), help="what to train")
     p.add_argument("--out", default=None, help="folder for checkpoints, grids and the log (out/textok, out/dit)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt-latest.pt")
     p.add_argument("--overwrite", action="store_true",
@@ -63,18 +73,18 @@ def get_args(argv=None):
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--num-tokens", type=int, default=32, help="N latent image tokens")
     p.add_argument("--token-dim", type=int, default=8, help="d channels per token (paper: 8)")
-    p.add_argument("--text-in", default="both", choices=["none", "tokenizer", "detokenizer", "both"])
-    p.add_argument("--text-mode", default="in-context", choices=["in-context", "cross-attn"])
-    p.add_argument("--cond", default="text", choices=["text", "class"], help="captions, or a class embedding")
+    p.add_argument("--text-in", default="both", choices=TEXT_IN, help="where the caption enters (Table 4d)")
+    p.add_argument("--text-mode", default="in-context", choices=TEXT_MODES, help="how it enters (Table 4c)")
+    p.add_argument("--cond", default="text", choices=CONDS, help="captions, or a class embedding (Table 4a)")
     p.add_argument("--init", default="local", choices=INITS,
-                   help="local: attention starts by position (TexTok.init_local_attention); vit: the plain ViT init")
+                   help="local: attention starts by position (textok.init_locality); vit: the plain ViT init")
     p.add_argument("--text-encoder", default="minilm",
                    help="minilm (offline), t5-xl (paper, 256 px), t5-xxl (512 px), a hub name or a local folder")
     p.add_argument("--text-len", type=int, default=64, help="text tokens per caption (paper: 128)")
     # DiT (--stage dit)
     p.add_argument("--tokenizer", default="out/textok/tokenizer", help="trained tokenizer folder (train.py writes one)")
     p.add_argument("--dit-model", default="DiT-T", choices=list(DiT_models))
-    p.add_argument("--dit-cond", default=None, choices=["class", "text"],
+    p.add_argument("--dit-cond", default=None, choices=DIT_CONDS,
                    help="class-conditional DiT or DiT-T2I; default: text when the data has no class labels")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids")
@@ -162,49 +172,12 @@ def check_args(p, args):
 
 
 #################################################################################
-#                             Caption-embedding cache                           #
+#               Data, and the frozen features it is computed into once          #
 #################################################################################
 
-def text_cache(captions, encoder_name, text_len, cache_dir, device, rank):
-    """
-    Caption embeddings for a list of captions, computed once and cached on disk as fp16 .npy
-    (memory-mapped, so a dataset larger than RAM works), keyed by encoder, length and captions.
-    Rank 0 computes; other ranks wait at a barrier and read the same files.
-    """
-    key = hashlib.sha256(json.dumps([encoder_name, text_len, captions]).encode()).hexdigest()[:16]
-    emb_path, mask_path = (os.path.join(cache_dir, f"text-{key}-{s}.npy") for s in ("emb", "mask"))
-    if rank == 0 and not os.path.exists(mask_path):
-        os.makedirs(cache_dir, exist_ok=True)
-        encoder = TextEncoder(encoder_name, text_len, device)
-        emb, mask = encoder.encode_all(captions)
-        for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):
-            def write(tmp, arr=arr):
-                with open(tmp, "wb") as f:  # a file, not a name: np.save would add ".npy" to the name
-                    np.save(f, arr)
-            atomic_write(path, write, shared=True)  # two runs may be filling one cache
-        del encoder
-    if dist.is_initialized():
-        dist.barrier()
-    return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
-
-
-def fetch_text(cache, idx, device, trim=False):
-    """Rows `idx` of a cache -> (embeddings (B, Nt, Dt) float32, mask (B, Nt) bool) on device.
-    trim=True cuts the padding past the batch's longest caption. That is exact, because padded
-    keys are masked out of attention, and it saves a third of the compute on short captions; it
-    is off under torch.compile, which would recompile for every new length."""
-    order = np.asarray(idx)
-    emb, mask = np.ascontiguousarray(cache[0][order]), np.ascontiguousarray(cache[1][order])
-    if trim:
-        length = max(1, int(mask.sum(1).max()))
-        emb, mask = emb[:, :length], mask[:, :length]
-    return (torch.from_numpy(emb).to(device, non_blocking=True).float(),
-            torch.from_numpy(mask).to(device, non_blocking=True))
-
-
 def build_data(args, image_size, master):
-    """(train set, held-out set, whether to flip): the built-in shapes or a captioned folder.
-    Both stages call this, so the DiT sees exactly the images (and held-out split) the tokenizer saw."""
+    """(train set, held-out set, whether to flip); both stages call it, so the DiT sees exactly the
+    images (and held-out split) the tokenizer saw."""
     train_set, val_set = load_splits(args.data, args.captions, image_size, args.seed, args.num_images,
                                      args.val_images, args.skip_bad, progress=master)
     # Flips: ADM-style for real data; off for the built-in set, where a flip would contradict
@@ -213,12 +186,107 @@ def build_data(args, image_size, master):
     return train_set, val_set, hflip
 
 
+def computed_once(run, done, compute):
+    """Rank 0 runs compute() unless `done`, a cache's last-written file, exists; the others wait."""
+    if run.rank == 0 and not os.path.exists(done):
+        os.makedirs(run.args.cache_dir, exist_ok=True)
+        compute()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def text_cache(run, captions, encoder_name, text_len):
+    """Caption embeddings by the frozen text encoder (§3.2), computed once (house rule 8): fp16
+    .npy, memory-mapped (a dataset larger than RAM works), keyed by encoder, length and captions."""
+    key = hashlib.sha256(json.dumps([encoder_name, text_len, captions]).encode()).hexdigest()[:16]
+    emb_path, mask_path = (os.path.join(run.args.cache_dir, f"text-{key}-{s}.npy") for s in ("emb", "mask"))
+
+    def compute():
+        emb, mask = TextEncoder(encoder_name, text_len, run.device).encode_all(captions)  # (n, Nt, Dt) fp16, (n, Nt)
+        for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):  # the mask last
+            def write(tmp, arr=arr):
+                with open(tmp, "wb") as f:  # a file, not a name: np.save would add ".npy" to the name
+                    np.save(f, arr)
+            atomic_write(path, write, shared=True)  # two runs may be filling one cache
+    computed_once(run, mask_path, compute)
+    return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
+
+
+def caption_caches(run, train_set, val_set, encoder_name, text_len):
+    """(training cache, held-out cache). The held-out one has a last row more, the empty caption
+    (index len(val_set)): evaluations decode with it to show how much the caption is used."""
+    return (text_cache(run, train_set.captions, encoder_name, text_len),
+            text_cache(run, val_set.captions + [""], encoder_name, text_len))
+
+
+def fetch_text(cache, idx, device, trim=False):
+    """Rows `idx` of a cache -> (embeddings (B, Nt, Dt) float32, mask (B, Nt) bool), or (None, None)
+    without one. trim=True drops the padding past the longest caption: exact (padded keys are masked
+    out of attention), a third less compute; off under torch.compile, which recompiles per length."""
+    if cache is None:
+        return None, None
+    order = np.asarray(idx)
+    emb, mask = np.ascontiguousarray(cache[0][order]), np.ascontiguousarray(cache[1][order])  # (B, Nt, Dt), (B, Nt)
+    if trim:
+        length = max(1, int(mask.sum(1).max()))
+        emb, mask = emb[:, :length], mask[:, :length]
+    return (torch.from_numpy(emb).to(device, non_blocking=True).float(),
+            torch.from_numpy(mask).to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
+    """The training set encoded once by the frozen tokenizer (posterior means, each image with its
+    caption) into an fp32 .npy (images, N, d), memory-mapped, plus the per-channel mean and std
+    that normalise the DiT's inputs. Keyed by the tokenizer's weights and the dataset."""
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    path, stats_path = (os.path.join(run.args.cache_dir, f"latents-{key}{s}") for s in (".npy", "-stats.json"))
+    N, d = tok.cfg.num_tokens, tok.cfg.token_dim
+    s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)  # sums of z and z^2
+
+    def encode_into(tmp):
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), N, d))
+        for x, idx, lab in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2),
+                                desc="encoding latents", unit="batch"):
+            t, m = fetch_text(text, idx, run.device)
+            with run.autocast:
+                z = tok.encode(x.to(run.device), t, m, lab.to(run.device)).float().cpu()  # (b, N, d)
+            out[idx.numpy()] = z.numpy()
+            s1.add_(z.double().sum((0, 1)))
+            s2.add_(z.double().pow(2).sum((0, 1)))
+        out.flush()
+
+    def compute():
+        atomic_write(path, encode_into, shared=True)
+        mean = s1 / (len(dataset) * N)
+        std = (s2 / (len(dataset) * N) - mean ** 2).clamp_min(1e-12).sqrt()  # (d,): E[z^2] - E[z]^2, never 0
+        write_json(stats_path, {"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)})  # last
+    computed_once(run, stats_path, compute)
+    with open(stats_path) as f:
+        return np.load(path, mmap_mode="r"), json.load(f)
+
+
+class LatentSet(torch.utils.data.Dataset):
+    """The latent cache as a dataset whose item i is (latent tokens (N, d), i, label), the shape
+    of an image dataset's items, so that both stages batch through the same loader."""
+
+    def __init__(self, latents, labels):
+        self.latents, self.labels = latents, labels
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.latents[i])), i, (-1 if self.labels is None else self.labels[i])
+
+
 #################################################################################
-#                                   Utilities                                   #
+#                           The optimisation recipe                             #
 #################################################################################
 
 def lr_at(step, base, args):
-    """Linear warmup, then cosine decay to min_lr (scaled by base / lr for the discriminator)."""
+    """Linear warmup, then cosine decay to min_lr (scaled by base / lr for the discriminator), as
+    TiTok's recipe and nanoGPT schedule it."""
     floor = args.min_lr * base / args.lr
     if step < args.warmup_steps:
         return base * (step + 1) / args.warmup_steps
@@ -228,21 +296,35 @@ def lr_at(step, base, args):
 
 def adamw(model, lr, args, device):
     """AdamW with weight decay on 2-D weights only (every matmul and embedding); biases, norms,
-    learned tokens and position embeddings are not decayed."""
+    learned tokens and position embeddings are not decayed (as nanoGPT). Fused on CUDA."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() == 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() != 2]
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=other, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
 
 
-def save_checkpoint(state, path):
-    """Atomic (files.atomic_write): a crash or a full disk mid-write leaves the previous checkpoint
-    intact and no temporary file."""
-    def write(tmp):
-        with open(tmp, "wb") as f:  # through a Python file, so that a full disk is an OSError(ENOSPC)
-            torch.save(state, f)
-    atomic_write(path, write)
+def optimizer_step(opt, loss, params, lr, clip):
+    """One step of `opt` on `loss` at learning rate `lr`, the gradient norm clipped to `clip`.
+    Returns the norm before clipping (logged: a spike there is the first sign of a bad lr)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return grad_norm
 
+
+def ema_update(ema_params, params, step, decay):
+    """EMA of the weights, with the warm-up of TensorFlow's ExponentialMovingAverage(num_updates):
+    early on the average forgets faster, so a short run's EMA is not dominated by the init."""
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
+
+
+#################################################################################
+#                      The run folder: checkpoints, log, curves                 #
+#################################################################################
 
 RUN_FILES = ("ckpt-latest.pt", "tokenizer", "dit")  # what a run leaves in its --out
 
@@ -279,123 +361,71 @@ def cut_log(log_path, step):
     atomic_write(log_path, write)
 
 
-def load_for_resume(ckpt_path, args, device, master, config):
-    """The checkpoint to resume from, with the global RNG states restored, the log cut back to its
-    step, and a warning for any flag that changed since it was written (steps and logging
-    intervals may change freely). Its model must be the one `config` (the run's, a dict)
-    describes: another --model or --num-tokens is one line, not a size mismatch per tensor."""
-    if not os.path.exists(ckpt_path):
-        raise MissingFile(f"{ckpt_path} not found; nothing to resume (drop --resume or fix --out)")
-    ckpt = load_checkpoint(ckpt_path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
+def save_checkpoint(state, path):
+    """Atomic: a crash or a full disk mid-write leaves the previous checkpoint and no temp file.
+    Tensors and plain types only, so torch.load(weights_only=True) reads it (house rule 7)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through a Python file, so that a full disk is an OSError(ENOSPC)
+            torch.save(state, f)
+    atomic_write(path, write)
+
+
+def read_checkpoint(path, args, device, master, config):
+    """The checkpoint to resume from, once it fits: its stage, a step not past --steps, the model
+    `config` describes (another --model is one line, not a size mismatch per tensor). Warns of other
+    changed flags (--steps and intervals may change freely); cuts the log back to its step."""
+    if not os.path.exists(path):
+        raise MissingFile(f"{path} not found; nothing to resume (drop --resume or fix --out)")
+    ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
                            fix="start over with --overwrite instead of --resume, or fix --out")
     if ckpt["args"].get("stage", "tokenizer") != args.stage:
-        raise UserError(f"{ckpt_path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
+        raise UserError(f"{path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
     if ckpt["step"] > args.steps:
-        raise UserError(f"{ckpt_path} is at step {ckpt['step']}, past --steps {args.steps}; pass --steps "
+        raise UserError(f"{path} is at step {ckpt['step']}, past --steps {args.steps}; pass --steps "
                         f"{ckpt['step']} or more to resume it")
     differ = [k for k in config if ckpt["config"].get(k) != config[k]]
     if differ:
         saved = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
         now = ", ".join(f"{k}={config[k]!r}" for k in differ)
-        raise UserError(f"{ckpt_path} holds a model with {saved}, but these flags build one with {now}; resume "
+        raise UserError(f"{path} holds a model with {saved}, but these flags build one with {now}; resume "
                         f"with the flags it was trained with (see {os.path.join(args.out, 'args.json')}), or "
                         f"start over with --overwrite or another --out")
-    torch.set_rng_state(ckpt["rng_cpu"].cpu())
-    if device.type == "cuda" and ckpt["rng_cuda"].numel():
-        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
     free = ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")
     changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
                and k not in free}
     if changed and master:
-        print(f"warning: resuming {ckpt_path} with changed flags (saved, now): {changed}")
+        print(f"warning: resuming {path} with changed flags (saved, now): {changed}")
     if master:
         cut_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
     return ckpt
 
 
-def ema_update(ema_params, params, step, decay):
-    """EMA of the weights, with the warm-up of TensorFlow's ExponentialMovingAverage(num_updates):
-    early on the average forgets faster, so a short run's EMA is not dominated by the init."""
-    with torch.no_grad():
-        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
-
-
-def run_state(step, steps_per_epoch, args, device):
-    """What every checkpoint holds besides networks and optimizers. All per-step randomness is
-    seeded by the step (see the loops); the global RNG states are saved too, for anything a fork
-    adds that draws from them."""
-    return {"step": step, "data_position": {"epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch},
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0),
-            "args": vars(args)}
-
-
-class IntervalLog:
-    """Loss terms summed on the device (no host sync per step), then averaged over each
-    --log-every interval and across ranks; rank 0 writes them to log.jsonl and the progress bar."""
-
-    def __init__(self, path, names, args, master, bar, shown):
-        self.path, self.names, self.args, self.master, self.bar, self.shown = path, names, args, master, bar, shown
-        self.sums, self.count, self.seen, self.t0 = None, 0, 0, time.time()
-
-    def add(self, step, terms):
-        self.sums = terms if self.sums is None else self.sums + terms
-        self.count += 1
-        self.seen += self.args.batch_size
-        if step % self.args.log_every and step != self.args.steps:
-            return
-        avg = mean_across_ranks(self.sums / self.count).tolist()
-        rec = {"step": step, **{k: round(v, 6) for k, v in zip(self.names, avg)},
-               "lr": lr_at(step - 1, self.args.lr, self.args), "img_per_s": round(self.seen / (time.time() - self.t0), 1)}
-        if self.master:
-            self.bar.set_postfix(**{k: f"{rec[k]:.4f}" for k in self.shown}, img_s=rec["img_per_s"])
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        self.sums, self.count, self.seen, self.t0 = None, 0, 0, time.time()
-
-
-def save_due(step, args, checkpoint, latest):
-    """Overwrites ckpt-latest every --save-every steps and at the end; keeps a copy every --keep-every."""
-    if step % args.save_every == 0 or step == args.steps:
-        checkpoint(latest)
-    if args.keep_every and step % args.keep_every == 0:
-        checkpoint(os.path.join(args.out, f"ckpt-{step:07d}.pt"))
-
-
-def save_args(args):
-    write_json(os.path.join(args.out, "args.json"), vars(args))
-
-
 def plot_log(log_path, png_path):
-    """The run's curves from its log.jsonl: the training loss terms against the step and, where
-    the log has held-out evaluations, their scores (the tokenizer: PSNR with each image's own
-    caption, another image's and an empty one, so the caption's effect is a gap between lines)."""
+    """The loss terms and held-out scores of log.jsonl (the tokenizer's PSNR with its own caption,
+    another's and an empty one: the caption's effect shows as a gap between lines)."""
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     rows = {}
     with open(log_path) as f:
         for line in f:  # one row per (step, kind); should a step appear twice, the last counts
             r = json.loads(line)
             rows[(r["step"], "eval" in r)] = r
-    train_rows = sorted((r for (_, e), r in rows.items() if not e), key=lambda r: r["step"])
-    evals = sorted((r for (_, e), r in rows.items() if e), key=lambda r: r["step"])
-    panels = [("loss", [k for k in ("loss", "l2", "lpips", "g_adv", "d") if any(r.get(k) for r in train_rows)])]
-    scores = [k for k in ("psnr", "psnr_other", "psnr_empty", "adherence") if any(k in r["eval"] for r in evals)]
-    if scores:
-        panels.append(("held-out", scores))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    train_rows = [r for (_, is_eval), r in sorted(rows.items()) if not is_eval]
+    evals = [{**r["eval"], "step": r["step"]} for (_, is_eval), r in sorted(rows.items()) if is_eval]
+    losses = [k for k in ("loss", "l2", "lpips", "g_adv", "d") if any(r.get(k) for r in train_rows)]
+    scores = [k for k in ("psnr", "psnr_other", "psnr_empty", "adherence") if any(k in r for r in evals)]
+    panels = [("loss", train_rows, losses)] + ([("held-out", evals, scores)] if scores else [])
     names = {"psnr": "PSNR, own caption", "psnr_other": "PSNR, another image's caption",
              "psnr_empty": "PSNR, empty caption", "adherence": "prompt adherence"}
-    for ax, (title, keys) in zip(axes[0], panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, src, keys) in zip(axes[0], panels):
         for k in keys:
-            src = train_rows if title == "loss" else [r["eval"] | {"step": r["step"]} for r in evals]
-            ax.plot([r["step"] for r in src if k in r], [r[k] for r in src if k in r], marker="" if title == "loss" else "o",
-                    label=names.get(k, k))
+            ax.plot([r["step"] for r in src if k in r], [r[k] for r in src if k in r],
+                    marker="" if title == "loss" else "o", label=names.get(k, k))
         if title == "loss":
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(title)
+            ax.set_yscale("log")  # the terms span orders of magnitude
+        ax.set(xlabel="step", title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -404,262 +434,314 @@ def plot_log(log_path, png_path):
 
 
 #################################################################################
-#                                    Training                                   #
+#                     Run: the machinery both stages share                      #
 #################################################################################
 
-def train_tokenizer(args, rank, world, device, master, B, use_compile, autocast):
-    """--stage tokenizer: TexTok with L2 + LPIPS + KL (+ GAN and LeCAM once the discriminator starts)."""
-    train_set, val_set, hflip = build_data(args, args.image_size, master)
-    use_text = args.cond == "text" and args.text_in != "none"
-    text_dim = 0
-    if use_text:
-        enc_device = device if device.type == "cuda" else "cpu"
-        train_text = text_cache(train_set.captions, args.text_encoder, args.text_len, args.cache_dir, enc_device, rank)
-        # The held-out cache gets one extra row, the empty caption, for the grid's third column.
-        val_text = text_cache(val_set.captions + [""], args.text_encoder, args.text_len, args.cache_dir, enc_device, rank)
-        text_dim = train_text[0].shape[-1]
-    num_classes = 1
-    if args.cond == "class":
-        labels = train_set.labels
-        if labels is None:
-            raise UserError("--cond class needs class labels: use class folders or a 'label' per caption line")
-        num_classes = max(labels) + 1
+class Run:
+    """
+    Everything the two stages share, written once. A stage builds its data and networks, then:
 
-    # ---- models: TexTok (+ EMA), discriminator, LPIPS, LeCAM ----
-    cfg = make_config(args.model, image_size=args.image_size, patch_size=args.patch_size, num_tokens=args.num_tokens,
-                      token_dim=args.token_dim, text_dim=text_dim or 1, text_len=args.text_len,
-                      text_in=args.text_in, text_mode=args.text_mode, cond=args.cond, num_classes=num_classes,
-                      text_encoder=args.text_encoder if use_text else "", init=args.init)
-    raw_model = TexTok(cfg).to(device)
-    ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
-    use_gan = args.gan_weight > 0
-    raw_disc = Discriminator(args.image_size, args.disc_channel_base, args.disc_channel_max).to(device)
-    lecam = LeCAM().to(device)
-    lpips = LPIPS.load(args.lpips_weights, device) if args.lpips_weight > 0 else None
-    opt = adamw(raw_model, args.lr, args, device)
-    opt_d = adamw(raw_disc, args.disc_lr or args.lr, args, device)
+        run.start(model, cfg, ...)               # EMA + AdamW, resume, banner, compile + DDP
+        for x, idx, labels in run.batches(data):  # this rank's share of each global batch
+            g = run.draws()                       # the step's randomness, as one rank would draw it
+            loss = ...                            # the stage's own objective, under run.autocast
+            grad_norm = run.optimize(loss)        # lr, backward, clip, step, then the EMA
+            run.end_step(terms, evaluate)         # log; evaluate and checkpoint when due
+        run.finish(...)                           # export the EMA weights, plot the curves
 
-    step = 0
-    ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
-    if args.resume:
-        ckpt = load_for_resume(ckpt_path, args, device, master, asdict(cfg))
-        raw_model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"])
-        raw_disc.load_state_dict(ckpt["disc"]); lecam.load_state_dict(ckpt["lecam"])
-        opt.load_state_dict(ckpt["opt"]); opt_d.load_state_dict(ckpt["opt_d"])
-        step = ckpt["step"]
-        del ckpt
+    Saved and averaged is the unwrapped network (`raw`): no `_orig_mod.` or `module.` in its keys.
+    """
 
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    if master:
-        print(f"TexTok config: {json.dumps(asdict(cfg))}")
-        print(f"{args.model}: {n_params / 1e6:.2f}M params | discriminator {sum(p.numel() for p in raw_disc.parameters()) / 1e6:.2f}M "
-              f"| {len(train_set)} train / {len(val_set)} held-out images | {world} rank(s) on {device} "
-              f"| global batch {args.batch_size} | compile={use_compile}")
-        save_args(args)
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.master = rank == 0  # rank 0 alone prints and writes files
+        self.B = args.batch_size // world  # this rank's share of the global batch
+        self.compile = device.type == "cuda" if args.compile is None else args.compile
+        self.autocast = autocast(device, args.precision)
+        self.ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
+        self.log_path = os.path.join(args.out, "log.jsonl")
+        self.step = 0  # optimizer steps taken: the data position, the lr and every draw follow from it
 
-    model, disc = raw_model, raw_disc
-    if use_compile:
-        model, disc = torch.compile(raw_model), torch.compile(raw_disc)
-    disc_fwd = disc  # used for the generator's adversarial term: no DDP, params frozen there
-    if dist.is_initialized():
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None)
+    def start(self, model, cfg, name, summary, shown, parts=None, plain=None):
+        """`model` gets its EMA and AdamW; --resume restores them, the stage's other `parts` (name ->
+        module or optimizer), the step and the RNGs. Checkpoints also hold `plain` data. Then the
+        banner, args.json, and the network compiled and DDP-wrapped; `shown`: the bar's terms."""
+        args, device = self.args, self.device
+        self.raw = model.to(device)
+        self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()  # what is evaluated and exported
+        self.opt = adamw(self.raw, args.lr, args, device)
+        self.params, self.ema_params = list(self.raw.parameters()), list(self.ema.parameters())
+        self.parts = {"model": self.raw, "ema": self.ema, "opt": self.opt, **(parts or {})}
+        self.plain = {"config": asdict(cfg), **(plain or {})}
+        if args.resume:
+            ckpt = read_checkpoint(self.ckpt_path, args, device, self.master, asdict(cfg))
+            for key, part in self.parts.items():
+                part.load_state_dict(ckpt[key])
+            # Every per-step draw is seeded by the step (draws); the global RNGs are restored too,
+            # for anything a fork adds that draws from them.
+            torch.set_rng_state(ckpt["rng_cpu"].cpu())
+            if device.type == "cuda" and ckpt["rng_cuda"].numel():
+                torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+            self.step = ckpt["step"]
+            del ckpt  # the weights now live in the modules; the copy would hold their size twice
+        if self.master:
+            print(f"{type(model).__name__} config: {json.dumps(asdict(cfg))}")
+            print(f"{name}: {sum(p.numel() for p in self.params) / 1e6:.2f}M params | {summary} | {self.world} "
+                  f"rank(s) on {device} | global batch {args.batch_size} | compile={self.compile}")
+            write_json(os.path.join(args.out, "args.json"), vars(args))
+        self.model = self.wrap(self.raw)[1].train()  # what the loop calls
+        self.bar = tqdm(total=args.steps, initial=self.step, disable=not self.master, desc=f"train {args.stage}",
+                        unit="step", dynamic_ncols=True)
+        self.shown, self.sums, self.count, self.t0 = shown, None, 0, time.time()
 
-    sampler = ShardedSampler(len(train_set), B, rank, world, args.seed)
-    spe = sampler.steps_per_epoch
+    def wrap(self, module):
+        """(compiled, compiled and DDP-wrapped) `module`: torch.compile when on (the default with
+        CUDA); DDP under torchrun, which averages the gradients across ranks during backward."""
+        compiled = torch.compile(module) if self.compile else module
+        if not dist.is_initialized():
+            return compiled, compiled
+        return compiled, DDP(compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def batches(from_step):
-        """Endless (images, indices, labels) batches from global step `from_step` on."""
-        epoch, pos = divmod(from_step, spe)
-        while True:
+    def batches(self, dataset, workers):
+        """This rank's (inputs, indices, labels) batches until end_step has counted --steps: seeded
+        per-epoch shuffles cut into global batches (ShardedSampler), entered at the current step, so
+        step k reads the same images on one rank or eight, fresh or resumed."""
+        sampler = ShardedSampler(len(dataset), self.B, self.rank, self.world, self.args.seed)
+        epoch, pos = divmod(self.step, sampler.steps_per_epoch)
+        while self.step < self.args.steps:
             sampler.set_position(epoch, pos)
-            loader = torch.utils.data.DataLoader(train_set, batch_size=B, sampler=sampler, drop_last=True,
-                                                 num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                                 persistent_workers=False)
-            yield from loader
+            loader = torch.utils.data.DataLoader(dataset, batch_size=self.B, sampler=sampler, drop_last=True,
+                                                 num_workers=workers, pin_memory=self.device.type == "cuda")
+            for batch in loader:
+                yield batch
+                if self.step >= self.args.steps:  # checked before the loader reads a batch past the end
+                    return
             epoch, pos = epoch + 1, 0
 
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=64, num_workers=0)
+    def draws(self):
+        """The generator of this step's randomness, seeded by (seed, step). Draw for the *global*
+        batch and keep this rank's rows (mine): one rank or eight, fresh or resumed, a step then
+        sees the same numbers, which makes DDP equal one process and resume exact."""
+        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.step)
 
-    @torch.no_grad()
-    def evaluate():
-        """The EMA tokenizer on held-out images: PSNR/SSIM with each image's own caption, and how
-        much the caption is used: PSNR with the next held-out image's caption and with an empty
-        caption, and the share of attention the image side gives to the caption, per layer."""
-        n = len(val_set)
-        scores = {"psnr": [], "ssim": [], "psnr_other": [], "psnr_empty": []}
-        captions = {"own": None, "other": lambda idx: [(i + 1) % n for i in idx], "empty": lambda idx: [n] * len(idx)}
-        grid, attention = None, None
-        for x, idx, lab in val_loader:
-            x, lab = x.to(device), lab.to(device)
-            recon = {}
-            for name, rows in captions.items():
-                text = mask = None
-                if use_text:
-                    text, mask = fetch_text(val_text, rows(idx.tolist()) if rows else idx, device, trim=not use_compile)
-                elif rows:
-                    break  # no caption to change
-                with autocast:
-                    recon[name] = ema(x, text, mask, lab, sample=False)[0].float()
-                if attention is None and use_text and args.text_mode == "in-context":
-                    attention = ema.text_attention(x, text, mask, lab)  # own captions, first batch
-            scores["psnr"].append(psnr(recon["own"], x)); scores["ssim"].append(ssim(recon["own"], x))
-            for name in ("other", "empty"):
-                if name in recon:
-                    scores[f"psnr_{name}"].append(psnr(recon[name], x))
-            if grid is None:
-                titles = {"own": "recon", "other": "next row's caption", "empty": "empty caption"}
-                err = ((recon["own"][:8] - x[:8]).abs().mean(1, keepdim=True) * 2).clamp(0, 1).expand_as(x[:8]) * 2 - 1
-                grid = ([torch.stack(r) for r in zip(x[:8], *(v[:8] for v in recon.values()), err)],
-                        ["input", *(titles[k] for k in recon), "|error| x4"], val_set.captions[:8] if use_text else None)
-        out = {k: torch.cat(v).mean().item() for k, v in scores.items() if v}
-        if attention is not None:
-            out["text_attention"] = {k: [round(a, 4) for a in v] for k, v in attention.items()}
-        return out, grid
+    def mine(self, t):
+        """This rank's rows of a tensor drawn for the global batch, on its device."""
+        return t[self.rank * self.B:(self.rank + 1) * self.B].to(self.device)
 
-    def checkpoint(path):
-        save_checkpoint({**run_state(step, spe, args, device),
-                         "model": raw_model.state_dict(), "ema": ema.state_dict(), "disc": raw_disc.state_dict(),
-                         "lecam": lecam.state_dict(), "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
-                         "config": asdict(cfg)}, path)
+    def optimize(self, loss):
+        """The trained network's step at this step's learning rate, then its EMA; -> the gradient
+        norm (of the unwrapped parameters: DDP has averaged their gradients when backward returns)."""
+        grad_norm = optimizer_step(self.opt, loss, self.params, lr_at(self.step, self.args.lr, self.args),
+                                   self.args.grad_clip)
+        ema_update(self.ema_params, self.params, self.step, self.args.ema_decay)
+        return grad_norm
+
+    def end_step(self, terms, evaluate):
+        """Counts the step and logs `terms` ({name: scalar tensor}). Rank 0 then evaluates (every
+        --eval-every steps and at the end: `evaluate()` -> (scores, grid path, a line to print))
+        and saves (every --save-every and at the end; a kept copy every --keep-every). The other
+        ranks wait for it at the next step's gradient all-reduce."""
+        self.step += 1
+        self.log(terms)
+        if not self.master:
+            return
+        self.bar.update(1)
+        args, last = self.args, self.step == self.args.steps
+        if self.step % args.eval_every == 0 or last:
+            scores, grid, line = evaluate()
+            self.bar.write(f"step {self.step}: {line}")
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": self.step, "eval": scores, "grid": grid}) + "\n")
+        if self.step % args.save_every == 0 or last:
+            self.checkpoint(self.ckpt_path)
+        if args.keep_every and self.step % args.keep_every == 0:
+            self.checkpoint(os.path.join(args.out, f"ckpt-{self.step:07d}.pt"))
+
+    def log(self, terms):
+        """The loss terms are summed on the device (no host sync per step) and averaged over each
+        --log-every interval and across ranks into a row of log.jsonl and the progress bar."""
+        values = torch.stack([v.detach() for v in terms.values()])  # (terms,), still on the device
+        self.sums, self.count = values if self.sums is None else self.sums + values, self.count + 1
+        if self.step % self.args.log_every and self.step != self.args.steps:
+            return
+        avg = mean_across_ranks(self.sums / self.count).tolist()  # the one host sync of the interval
+        rate = round(self.count * self.args.batch_size / (time.time() - self.t0), 1)
+        row = {"step": self.step, **{k: round(v, 6) for k, v in zip(terms, avg)},
+               "lr": lr_at(self.step - 1, self.args.lr, self.args), "img_per_s": rate}
+        if self.master:
+            self.bar.set_postfix(**{k: f"{row[k]:.4f}" for k in self.shown}, img_s=rate)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.sums, self.count, self.t0 = None, 0, time.time()
+
+    def checkpoint(self, path):
+        """What a resumed run needs: the step (the data position follows from it), the RNG states,
+        the flags, each part's state dict and the plain data."""
+        cuda = self.device.type == "cuda"
+        save_checkpoint({"step": self.step, "rng_cpu": torch.get_rng_state(),
+                         "rng_cuda": torch.cuda.get_rng_state(self.device) if cuda else torch.zeros(0),
+                         "args": vars(self.args), **{k: part.state_dict() for k, part in self.parts.items()},
+                         **self.plain}, path)
+
+    def grid_path(self, kind):
+        """Where this step's image grid goes: <out>/<kind>-<step>.png."""
+        return os.path.join(self.args.out, f"{kind}-{self.step:07d}.png")
+
+    def finish(self, folder, export, grid_kind, next_step=None):
+        """Rank 0 exports the EMA weights (`export(<out>/<folder>)`: safetensors, the model to
+        share), plots the curves, and says where everything is."""
+        self.bar.close()
+        if not self.master:
+            return
+        out, curves = os.path.join(self.args.out, folder), os.path.join(self.args.out, "curves.png")
+        export(out)
+        plot_log(self.log_path, curves)
+        print(f"done. checkpoint: {self.ckpt_path}\n      {folder} (EMA weights, safetensors): {out}\n      last grid: "
+              f"{self.grid_path(grid_kind)}\n      log: {self.log_path}, curves: {curves}"
+              + (f"\n      next: {next_step}" if next_step else ""))
+
+
+#################################################################################
+#                          Stage 1: the TexTok tokenizer                        #
+#################################################################################
+
+def train_tokenizer(run):
+    """--stage tokenizer: TexTok learns to pass images through N latent tokens of d channels with
+    the caption beside them (§3.2, Fig. 2), from L2 + LPIPS + KL, plus the GAN with LeCAM."""
+    args, device = run.args, run.device
+    # ---- data: images, and their captions embedded once by the frozen text encoder ----
+    train_set, val_set, hflip = build_data(args, args.image_size, run.master)
+    use_text = args.cond == "text" and args.text_in != "none"
+    train_text = val_text = None
+    if use_text:
+        train_text, val_text = caption_caches(run, train_set, val_set, args.text_encoder, args.text_len)
+    if args.cond == "class" and train_set.labels is None:
+        raise UserError("--cond class needs class labels: use class folders or a 'label' per caption line")
+
+    # ---- the networks: TexTok (Run adds its EMA and AdamW), the GAN's, LPIPS ----
+    cfg = make_config(args.model, image_size=args.image_size, patch_size=args.patch_size, num_tokens=args.num_tokens,
+                      token_dim=args.token_dim, text_dim=train_text[0].shape[-1] if use_text else 1,
+                      text_len=args.text_len, text_in=args.text_in, text_mode=args.text_mode, cond=args.cond,
+                      num_classes=max(train_set.labels) + 1 if args.cond == "class" else 1,
+                      text_encoder=args.text_encoder if use_text else "", init=args.init)
+    model = TexTok(cfg)
+    # The discriminator, its optimizer and the LeCAM anchors exist only in a run that reaches
+    # --disc-start (late, as in TiTok/MAGVIT: a GAN on blurry reconstructions only adds artifacts).
+    gan = args.gan_weight > 0 and args.disc_start < args.steps
+    parts, about_disc = {}, "no discriminator (--gan-weight 0, or --disc-start past --steps)"
+    if gan:
+        disc = Discriminator(args.image_size, args.disc_channel_base, args.disc_channel_max).to(device)
+        lecam = LeCAM().to(device)
+        opt_d = adamw(disc, args.disc_lr or args.lr, args, device)
+        parts = dict(disc=disc, lecam=lecam, opt_d=opt_d)  # checkpointed beside TexTok
+        about_disc = f"discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M"
+    lpips = LPIPS.load(args.lpips_weights, device) if args.lpips_weight > 0 else None  # frozen VGG16 features
+    run.start(model, cfg, args.model, f"{about_disc} | {len(train_set)} train / {len(val_set)} held-out images",
+              shown=("l2", "lpips", "d"), parts=parts)
+    if gan:  # the critic of the tokenizer's adversarial term needs no DDP: D is frozen there
+        critic, disc_ddp = run.wrap(disc)
+    zero = torch.zeros((), device=device)  # the terms a step without LPIPS or the GAN logs
 
     # ---- the loop ----
-    log_path = os.path.join(args.out, "log.jsonl")
-    data = batches(step)
-    model.train(); disc.train()
-    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
-    log = IntervalLog(log_path, ["loss", "l2", "lpips", "kl", "g_adv", "d", "lecam", "grad_norm"], args, master, bar,
-                      shown=["l2", "lpips", "d"])
-    while step < args.steps:
-        x, idx, lab = next(data)
-        x, lab = x.to(device, non_blocking=True), lab.to(device, non_blocking=True)
-        text = mask = None
-        if use_text:
-            text, mask = fetch_text(train_text, idx, device, trim=not use_compile)
-        # Per-step randomness (posterior noise, flips) is drawn for the *global* batch from a
-        # generator seeded by (seed, step), and each rank takes its slice: one rank or eight,
-        # fresh or resumed, the same step sees the same numbers.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        noise = torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g)[rank * B:(rank + 1) * B]
-        flip = torch.rand(args.batch_size, generator=g)[rank * B:(rank + 1) * B] < 0.5
+    for x, idx, lab in run.batches(train_set, args.num_workers):
+        x, lab = x.to(device, non_blocking=True), lab.to(device, non_blocking=True)  # (B, 3, H, W), (B,)
+        text, mask = fetch_text(train_text, idx, device, trim=not run.compile)  # (B, Nt, Dt), (B, Nt) or None
+        g = run.draws()
+        noise = run.mine(torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g))  # (B, N, d)
+        flip = run.mine(torch.rand(args.batch_size, generator=g)) < 0.5  # (B,)
         if hflip:
-            x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
-        adversarial = use_gan and step >= args.disc_start
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        adversarial = gan and run.step >= args.disc_start
 
-        # -- tokenizer step --
-        with autocast:
-            recon, post = model(x, text, mask, lab, noise=noise.to(device))
-            loss_lpips = lpips(recon, x).mean() if lpips is not None else torch.zeros((), device=device)
-        loss_l2, loss_kl = l2_loss(recon, x), kl_loss(post)
+        # -- the tokenizer's step: reconstruct through the posterior sample (noise fixes it) --
+        with run.autocast:
+            recon, post = run.model(x, text, mask, lab, noise=noise)  # (B, 3, H, W), Posterior of (B, N, d)
+            loss_lpips = lpips(recon, x).mean() if lpips is not None else zero
+        loss_l2, loss_kl = l2_loss(recon, x), kl_loss(post)  # fp32 (house rule 6)
         loss = args.l2_weight * loss_l2 + args.lpips_weight * loss_lpips + args.kl_weight * loss_kl
-        loss_g = torch.zeros((), device=device)
+        loss_g = zero
         if adversarial:
-            raw_disc.requires_grad_(False)  # D is only a critic here: gradients reach the image, not D
-            with autocast:
-                loss_g = g_loss(disc_fwd(recon), args.gan_loss)
-            raw_disc.requires_grad_(True)
+            disc.requires_grad_(False)  # D is only a critic here: gradients reach the image, not D
+            with run.autocast:
+                loss_g = g_loss(critic(recon), args.gan_loss)
+            disc.requires_grad_(True)
             loss = loss + args.gan_weight * loss_g
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        opt.step()
-        ema_update(ema_params, model_params, step, args.ema_decay)  # what is evaluated and shared
+        grad_norm = run.optimize(loss)
 
-        # -- discriminator step: real and fake in one batch, so one DDP forward/backward --
-        loss_d = loss_lecam = torch.zeros((), device=device)
+        # -- the discriminator's step: real and fake in one batch, so one DDP forward/backward --
+        loss_d = loss_lecam = zero
         if adversarial:
-            for group in opt_d.param_groups:
-                group["lr"] = lr_at(step, args.disc_lr or args.lr, args)
-            with autocast:
-                real, fake = disc(torch.cat([x, recon.detach()])).float().chunk(2)
-            loss_lecam = lecam(real, fake)
-            loss_d = d_loss(real, fake, args.gan_loss)
-            opt_d.zero_grad(set_to_none=True)
-            (loss_d + args.lecam_weight * loss_lecam).backward()
-            torch.nn.utils.clip_grad_norm_(raw_disc.parameters(), args.grad_clip)
-            opt_d.step()
-            lecam.update(*mean_across_ranks(torch.stack([real.mean(), fake.mean()]).detach()))
+            with run.autocast:
+                real, fake = disc_ddp(torch.cat([x, recon.detach()])).float().chunk(2)  # (B,) logits each
+            loss_lecam, loss_d = lecam(real, fake), d_loss(real, fake, args.gan_loss)
+            optimizer_step(opt_d, loss_d + args.lecam_weight * loss_lecam, disc.parameters(),
+                           lr_at(run.step, args.disc_lr or args.lr, args), args.grad_clip)
+            lecam.update(*mean_across_ranks(torch.stack([real.mean(), fake.mean()]).detach()))  # same on all ranks
 
-        step += 1
-        log.add(step, torch.stack([loss.detach(), loss_l2.detach(), loss_lpips.detach(), loss_kl.detach(),
-                                   loss_g.detach(), loss_d.detach(), loss_lecam.detach(), grad_norm.detach()]))
-        if master:
-            bar.update(1)
+        run.end_step(dict(loss=loss, l2=loss_l2, lpips=loss_lpips, kl=loss_kl, g_adv=loss_g, d=loss_d,
+                          lecam=loss_lecam, grad_norm=grad_norm),
+                     evaluate=lambda: evaluate_tokenizer(run, val_set, val_text))
+    run.finish("tokenizer", run.ema.save_pretrained, "recon")
 
-        # -- held-out evaluation + reconstruction grid, checkpoints --
-        if master and (step % args.eval_every == 0 or step == args.steps):
-            scores, grid = evaluate()
-            grid_path = os.path.join(args.out, f"recon-{step:07d}.png")
-            save_grid(grid_path, *grid)
-            bar.write(f"step {step}: held-out PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}"
-                      + (f" | with another image's caption {scores['psnr_other']:.2f} dB, with an empty caption "
-                         f"{scores['psnr_empty']:.2f} dB" if use_text else "") + f" | grid {grid_path}")
-            if "text_attention" in scores:
-                bar.write("  attention to the caption per layer: " + ", ".join(
-                    f"{part} " + " ".join(f"{100 * a:.0f}%" for a in shares) for part, shares in scores["text_attention"].items()))
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "eval": scores, "grid": grid_path}) + "\n")
-        if master:
-            save_due(step, args, checkpoint, ckpt_path)
-    bar.close()
-
-    if master:
-        ema.save_pretrained(os.path.join(args.out, "tokenizer"))
-        plot_log(log_path, os.path.join(args.out, "curves.png"))
-        print(f"done. checkpoint: {ckpt_path}\n      tokenizer (EMA weights, safetensors): "
-              f"{os.path.join(args.out, 'tokenizer')}\n      reconstructions: {os.path.join(args.out, f'recon-{step:07d}.png')}"
-              f"\n      log: {log_path}, curves: {os.path.join(args.out, 'curves.png')}")
-
-
-#################################################################################
-#                          Stage 2: the DiT on TexTok tokens                    #
-#################################################################################
 
 @torch.no_grad()
-def latent_cache(tok, dataset, text, key_parts, cache_dir, device, rank, autocast, batch_size=64):
-    """
-    The training set encoded once by the tokenizer (posterior means, each image with its own
-    caption) into an fp32 .npy of shape (images, N, d), memory-mapped, plus the per-channel mean
-    and std of the latents (float64 sums), which the DiT uses to normalise its inputs. Keyed by
-    the tokenizer's weights and the dataset; rank 0 computes, the other ranks wait and read.
-    """
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
-    path, stats_path = (os.path.join(cache_dir, f"latents-{key}{s}") for s in (".npy", "-stats.json"))
-    if rank == 0 and not os.path.exists(stats_path):  # the stats file is written last: it marks completion
-        os.makedirs(cache_dir, exist_ok=True)
-        N, d = tok.cfg.num_tokens, tok.cfg.token_dim
-        s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+def evaluate_tokenizer(run, val_set, val_text, rows_shown=8):
+    """The EMA tokenizer on the held-out images: PSNR/SSIM with each image's own caption, and how
+    much the caption is used (PSNR with the next image's caption and with an empty one; the share
+    of attention the image side gives the caption, per layer). Writes the reconstruction grid of
+    the first `rows_shown` images. Returns (scores, grid path, a line to print)."""
+    args, device, ema = run.args, run.device, run.ema
+    use_text, n = val_text is not None, len(val_set)
+    # Which held-out caption row each image decodes with; n is the empty caption (caption_caches).
+    captions = {"own": None, "other": lambda idx: [(i + 1) % n for i in idx], "empty": lambda idx: [n] * len(idx)}
+    titles = {"own": "recon", "other": "next row's caption", "empty": "empty caption"}
+    scores = {"psnr": [], "ssim": [], "psnr_other": [], "psnr_empty": []}
+    grid = attention = None
+    for x, idx, lab in torch.utils.data.DataLoader(val_set, batch_size=64, num_workers=0):
+        x, lab = x.to(device), lab.to(device)
+        recon = {}
+        for name, rows in captions.items():
+            if rows and not use_text:
+                break  # no caption to change
+            text, mask = fetch_text(val_text, rows(idx.tolist()) if rows else idx, device, trim=not run.compile)
+            with run.autocast:
+                recon[name] = ema(x, text, mask, lab, sample=False)[0].float()  # (b, 3, H, W), the posterior mean
+            if attention is None and use_text and args.text_mode == "in-context":
+                attention = ema.text_attention(x, text, mask, lab)  # own captions, first batch
+        scores["psnr"].append(psnr(recon["own"], x))
+        scores["ssim"].append(ssim(recon["own"], x))
+        for name in ("other", "empty"):
+            if name in recon:
+                scores[f"psnr_{name}"].append(psnr(recon[name], x))
+        if grid is None:
+            x8, own8 = x[:rows_shown], recon["own"][:rows_shown]
+            err = ((own8 - x8).abs().mean(1, keepdim=True) * 2).clamp(0, 1).expand_as(x8) * 2 - 1  # 4|x - x^| in [0, 1]
+            grid = [torch.stack(r) for r in zip(x8, *(v[:rows_shown] for v in recon.values()), err)]  # (cols, 3, H, W)
+            grid_titles = ["input", *(titles[k] for k in recon), "|error| x4"]
+    out = {k: torch.cat(v).mean().item() for k, v in scores.items() if v}
+    if attention is not None:
+        out["text_attention"] = {k: [round(a, 4) for a in v] for k, v in attention.items()}
+    path = run.grid_path("recon")
+    save_grid(path, grid, grid_titles, val_set.captions[:rows_shown] if use_text else None)
+    line = f"held-out PSNR {out['psnr']:.2f} dB, SSIM {out['ssim']:.4f}"
+    if use_text:
+        line += (f" | with another image's caption {out['psnr_other']:.2f} dB, with an empty caption "
+                 f"{out['psnr_empty']:.2f} dB")
+    line += f" | grid {path}"
+    if "text_attention" in out:
+        line += "\n  attention to the caption per layer: " + ", ".join(
+            f"{part} " + " ".join(f"{100 * a:.0f}%" for a in shares) for part, shares in out["text_attention"].items())
+    return out, path, line
 
-        def encode_into(tmp):
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), N, d))
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
-            for x, idx, lab in tqdm(loader, desc="encoding latents", unit="batch"):
-                t = m = None
-                if text is not None:
-                    t, m = fetch_text(text, idx, device)
-                with autocast:
-                    z = tok.encode(x.to(device), t, m, lab.to(device)).float().cpu()  # (b, N, d)
-                out[idx.numpy()] = z.numpy()
-                s1.add_(z.double().sum((0, 1)))
-                s2.add_(z.double().pow(2).sum((0, 1)))
-            out.flush()
-        atomic_write(path, encode_into, shared=True)
-        count = len(dataset) * N
-        mean = s1 / count
-        std = (s2 / count - mean ** 2).clamp_min(1e-12).sqrt()
-        write_json(stats_path, {"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)})
-    if dist.is_initialized():
-        dist.barrier()
-    with open(stats_path) as f:
-        stats = json.load(f)
-    return np.load(path, mmap_mode="r"), stats
 
+#################################################################################
+#                        Stage 2: the DiT on TexTok's tokens                    #
+#################################################################################
 
-def train_dit(args, rank, world, device, master, B, use_compile, autocast):
-    """--stage dit: a DiT learns the distribution of a trained tokenizer's latent tokens (§3.2)."""
+def train_dit(run):
+    """--stage dit: a DiT learns to generate a trained tokenizer's N x d latent tokens (§3.2
+    "Generation stage"; patch size 1, §4.1), from a class or the caption (DiT-T2I)."""
+    args, device = run.args, run.device
     # ---- the frozen tokenizer, and the data it was trained on ----
     tok_weights = os.path.join(args.tokenizer, "model.safetensors")
     if not os.path.isfile(tok_weights):
@@ -667,167 +749,111 @@ def train_dit(args, rank, world, device, master, B, use_compile, autocast):
                           f"or pass --tokenizer FOLDER")
     tok = TexTok.from_pretrained(args.tokenizer, device).requires_grad_(False).eval()
     tcfg = tok.cfg
-    train_set, val_set, _ = build_data(args, tcfg.image_size, master)
+    train_set, val_set, _ = build_data(args, tcfg.image_size, run.master)
     labels = train_set.labels
-    dit_cond = args.dit_cond or ("class" if labels is not None and tcfg.cond == "class" else "text")
-    if dit_cond == "class" and labels is None:
+    cond = args.dit_cond or ("class" if labels is not None and tcfg.cond == "class" else "text")
+    if cond == "class" and labels is None:
         raise UserError("--dit-cond class needs class labels: use class folders or a 'label' per caption line")
     tok_text = tcfg.cond == "text" and tcfg.text_in != "none"  # the tokenizer reads captions
     encoder_name = tcfg.text_encoder or args.text_encoder  # a no-text baseline takes the DiT-T2I's from the flag
-    text_len = tcfg.text_len
     train_text = val_text = None
-    if tok_text or dit_cond == "text":
-        enc_device = device if device.type == "cuda" else "cpu"
-        train_text = text_cache(train_set.captions, encoder_name, text_len, args.cache_dir, enc_device, rank)
-        val_text = text_cache(val_set.captions + [""], encoder_name, text_len, args.cache_dir, enc_device, rank)
+    if tok_text or cond == "text":
+        train_text, val_text = caption_caches(run, train_set, val_set, encoder_name, tcfg.text_len)
+
+    # ---- the latent tokens of every training image, encoded once (house rule 8) ----
     data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set),
                 hashlib.sha256(json.dumps(train_set.captions).encode()).hexdigest()]
     tok_digest = file_digest(tok_weights)  # keys the latent cache; sample.py checks it against the tokenizer it gets
-    latents, stats = latent_cache(tok, train_set, train_text if tok_text else None,
-                                  [tok_digest, data_key], args.cache_dir, device, rank, autocast)
-    mean = torch.tensor(stats["mean"], device=device).float()
-    std = torch.tensor(stats["std"], device=device).float()
+    latents, stats = latent_cache(run, tok, train_set, train_text if tok_text else None, [tok_digest, data_key])
+    mean, std = (torch.tensor(stats[k], device=device).float() for k in ("mean", "std"))  # (d,) each
 
-    # ---- the DiT (+ EMA) ----
-    num_classes = max(labels) + 1 if labels is not None else 1
-    text_dim = train_text[0].shape[-1] if train_text is not None else 0
-    cfg = make_dit_config(args.dit_model, num_tokens=tcfg.num_tokens, token_dim=tcfg.token_dim, cond=dit_cond,
-                          num_classes=num_classes, text_dim=text_dim, text_len=text_len)
-    raw_model = DiT(cfg).to(device)
-    ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
-    opt = adamw(raw_model, args.lr, args, device)
+    # ---- the DiT (Run adds its EMA and AdamW), and what it cannot be used without ----
+    cfg = make_dit_config(args.dit_model, num_tokens=tcfg.num_tokens, token_dim=tcfg.token_dim, cond=cond,
+                          num_classes=max(labels) + 1 if labels is not None else 1,
+                          text_dim=train_text[0].shape[-1] if train_text is not None else 0, text_len=tcfg.text_len)
     meta = dict(latent_mean=stats["mean"], latent_std=stats["std"], tokenizer=os.path.abspath(args.tokenizer),
                 tokenizer_config=asdict(tcfg), tokenizer_sha256=tok_digest, text_encoder=encoder_name,
-                text_len=text_len, num_classes=num_classes, data=args.data)
-    step = 0
-    ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
-    if args.resume:
-        ckpt = load_for_resume(ckpt_path, args, device, master, asdict(cfg))
-        raw_model.load_state_dict(ckpt["model"]); ema.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        del ckpt
-    if master:
-        print(f"DiT config: {json.dumps(asdict(cfg))}")
-        print(f"{args.dit_model} ({'DiT-T2I' if dit_cond == 'text' else 'class-conditional'}): "
-              f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M params | {len(train_set)} latents of "
-              f"{cfg.num_tokens} x {cfg.token_dim} | {world} rank(s) on {device} | global batch {args.batch_size}")
-        save_args(args)
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if dist.is_initialized():
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+                text_len=tcfg.text_len, num_classes=cfg.num_classes, data=args.data)
+    run.start(DiT(cfg), cfg, f"{args.dit_model} ({'DiT-T2I' if cond == 'text' else 'class-conditional'})",
+              f"{len(train_set)} latents of {cfg.num_tokens} x {cfg.token_dim}", shown=("loss",),
+              plain={"dit_meta": meta})
     diffusion = Diffusion()
-    sampler = ShardedSampler(len(train_set), B, rank, world, args.seed)
-    spe = sampler.steps_per_epoch
-    all_labels = torch.tensor(labels) if labels is not None else None
-
-    def sample_grid(path, rows_shown=6, rows_scored=16, k=4):
-        """Rows of held-out conditions: the held-out image, then k samples from the EMA DiT
-        (T2I: that image's caption; class: its class, decoded with other held-out captions of it).
-        For T2I on built-in captions, also the prompt adherence of the samples of `rows_scored`
-        held-out captions (eval_fid.prompt_adherence). Returns the scores logged."""
-        rows, images, prompts, g = [], [], [], torch.Generator().manual_seed(args.seed)
-        scored = rows_scored if dit_cond == "text" and args.data == "builtin" else rows_shown
-        for i in range(min(scored, len(val_set))):
-            y = text = mask = dec = dec_mask = None
-            if dit_cond == "class":
-                y = torch.full((k,), val_set.labels[i], device=device)
-                same = [j for j in range(len(val_set)) if val_set.labels[j] == val_set.labels[i]]
-                dec_rows = [same[(n * 7) % len(same)] for n in range(k)]  # other unseen captions of the class
-            else:
-                dec_rows = [i] * k
-                text, mask = fetch_text(val_text, dec_rows, device)
-            if tok_text:  # T2I decodes with the caption it generated from
-                dec, dec_mask = (text, mask) if text is not None else fetch_text(val_text, dec_rows, device)
-            x = generate(ema, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.sample_steps, "ddim",
-                         0.0, g, device, autocast)  # (k, 3, H, W)
-            if i < rows_shown:
-                rows.append(torch.cat([val_set[i][0][None].to(device).float(), x]))
-            images.append(to_uint8(x))
-            prompts += [val_set.captions[i]] * k
-        save_grid(path, rows, ["held-out", "samples ->"])
-        if scored == rows_scored:
-            return {"adherence": prompt_adherence(np.concatenate(images), prompts)[0]}
-        return {}
-
-    def checkpoint(path):
-        save_checkpoint({**run_state(step, spe, args, device), "model": raw_model.state_dict(),
-                         "ema": ema.state_dict(), "opt": opt.state_dict(), "config": asdict(cfg), "dit_meta": meta}, path)
 
     # ---- the loop ----
-    log_path = os.path.join(args.out, "log.jsonl")
-    model.train()
-    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train dit", unit="step", dynamic_ncols=True)
-    log = IntervalLog(log_path, ["loss", "grad_norm"], args, master, bar, shown=["loss"])
-    order = None
-    while step < args.steps:
-        epoch, pos = divmod(step, spe)
-        if pos == 0 or order is None:
-            sampler.set_position(epoch, 0)
-            order = list(sampler)  # this rank's indices for the epoch
-        idx = order[pos * B:(pos + 1) * B]
-        x0 = (torch.from_numpy(np.ascontiguousarray(latents[np.asarray(idx)])).to(device) - mean) / std  # (B, N, d)
-        # t, eps and the condition dropout are drawn for the global batch from (seed, step), as in
-        # the tokenizer stage: one rank or eight, fresh or resumed, a step sees the same numbers.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        sl = slice(rank * B, (rank + 1) * B)
-        t = torch.randint(0, diffusion.T, (args.batch_size,), generator=g)[sl].to(device)
-        noise = torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g)[sl].to(device)
-        drop = (torch.rand(args.batch_size, generator=g)[sl] < cfg.dropout_prob).to(device)
-        cond = {}
-        if dit_cond == "class":
-            cond["y"] = all_labels[idx].to(device)
+    for z, idx, y in run.batches(LatentSet(latents, labels), workers=0):  # a memory map: no worker processes needed
+        x0 = (z.to(device) - mean) / std  # (B, N, d), unit scale per channel
+        g = run.draws()  # t, eps and the condition dropout, as the tokenizer stage draws its noise
+        t = run.mine(torch.randint(0, diffusion.T, (args.batch_size,), generator=g))  # (B,)
+        noise = run.mine(torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g))  # (B, N, d)
+        drop = run.mine(torch.rand(args.batch_size, generator=g)) < cfg.dropout_prob  # (B,) for the guidance
+        if cond == "class":
+            kw = dict(y=y.to(device))  # (B,)
         else:
-            cond["text"], cond["text_mask"] = fetch_text(train_text, idx, device, trim=not use_compile)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args)
-        with autocast:
-            loss = diffusion.loss(model, x0, t=t, noise=noise, drop=drop, **cond)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        opt.step()
-        ema_update(ema_params, model_params, step, args.ema_decay)
-        step += 1
-        log.add(step, torch.stack([loss.detach(), grad_norm.detach()]))
-        if master:
-            bar.update(1)
-        if master and (step % args.eval_every == 0 or step == args.steps):
-            grid_path = os.path.join(args.out, f"samples-{step:07d}.png")
-            scores = sample_grid(grid_path)
-            bar.write(f"step {step}: sample grid {grid_path}" + (f" | prompt adherence {scores['adherence']:.3f} "
-                      f"(real images score about 0.99)" if scores else ""))
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "eval": scores, "grid": grid_path}) + "\n")
-        if master:
-            save_due(step, args, checkpoint, ckpt_path)
-    bar.close()
-    if master:
-        ema.save_pretrained(os.path.join(args.out, "dit"), meta)
-        plot_log(log_path, os.path.join(args.out, "curves.png"))
-        print(f"done. checkpoint: {ckpt_path}\n      DiT (EMA weights, safetensors): {os.path.join(args.out, 'dit')}"
-              f"\n      samples: {os.path.join(args.out, f'samples-{step:07d}.png')}\n      log: {log_path}, curves: "
-              f"{os.path.join(args.out, 'curves.png')}"
-              f"\n      next: python sample.py --dit {ckpt_path}")
+            text, mask = fetch_text(train_text, idx, device, trim=not run.compile)  # (B, Nt, Dt), (B, Nt)
+            kw = dict(text=text, text_mask=mask)
+        with run.autocast:
+            loss = diffusion.loss(run.model, x0, t=t, noise=noise, drop=drop, **kw)
+        grad_norm = run.optimize(loss)
+        run.end_step(dict(loss=loss, grad_norm=grad_norm),
+                     evaluate=lambda: evaluate_dit(run, tok, meta, cond, tok_text, val_set, val_text))
+    run.finish("dit", lambda folder: run.ema.save_pretrained(folder, meta), "samples",
+               next_step=f"python sample.py --dit {run.ckpt_path}")
 
+
+@torch.no_grad()
+def evaluate_dit(run, tok, meta, cond, tok_text, val_set, val_text, rows_shown=6, rows_scored=16, k=4):
+    """A grid of held-out conditions: per row the held-out image, then k samples of the EMA DiT
+    (T2I: of its caption; class: of its class, decoded with other held-out captions of it, as
+    sample.py decodes with unseen ones). T2I on built-in captions also scores the prompt adherence
+    of `rows_scored` captions' samples. Returns (scores, grid path, a line to print)."""
+    args, device = run.args, run.device
+    rows, images, prompts, g = [], [], [], torch.Generator().manual_seed(args.seed)  # the same noise every evaluation
+    scored = rows_scored if cond == "text" and args.data == "builtin" else rows_shown
+    for i in range(min(scored, len(val_set))):
+        y = text = mask = dec = dec_mask = None
+        if cond == "class":
+            y = torch.full((k,), val_set.labels[i], device=device)
+            same = [j for j in range(len(val_set)) if val_set.labels[j] == val_set.labels[i]]
+            dec_rows = [same[(n * 7) % len(same)] for n in range(k)]  # other unseen captions of the class
+        else:
+            dec_rows = [i] * k
+            text, mask = fetch_text(val_text, dec_rows, device)  # (k, Nt, Dt), (k, Nt)
+        if tok_text:  # T2I decodes with the caption it generated from
+            dec, dec_mask = (text, mask) if text is not None else fetch_text(val_text, dec_rows, device)
+        x = generate(run.ema, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.sample_steps, "ddim",
+                     0.0, g, device, run.autocast)  # (k, 3, H, W)
+        if i < rows_shown:
+            rows.append(torch.cat([val_set[i][0][None].to(device).float(), x]))  # (1 + k, 3, H, W)
+        images.append(to_uint8(x))
+        prompts += [val_set.captions[i]] * k
+    path = run.grid_path("samples")
+    save_grid(path, rows, ["held-out", "samples ->"])
+    if scored != rows_scored:
+        return {}, path, f"sample grid {path}"
+    adherence = prompt_adherence(np.concatenate(images), prompts)[0]
+    return ({"adherence": adherence}, path,
+            f"sample grid {path} | prompt adherence {adherence:.3f} (real images score about 0.99)")
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
 
 def main(argv=None):
+    """`python train.py FLAGS` and each torchrun rank run this; reproduce.py calls it in-process."""
     args = get_args(argv)
     with distributed() as (rank, world, device):
-        master = rank == 0
         if args.batch_size % world:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
-        B = args.batch_size // world  # this rank's share of the global batch
-        torch.manual_seed(args.seed + rank)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        use_compile = device.type == "cuda" if args.compile is None else args.compile
-        autocast = precision_context(device, args.precision)
-        run = dict(rank=rank, world=world, device=device, master=master, B=B, use_compile=use_compile, autocast=autocast)
-        claim_out(args, master)
+        torch.manual_seed(args.seed + rank)  # model inits: DDP then broadcasts rank 0's weights to all
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # house rule 6
+        run = Run(args, rank, world, device)
+        claim_out(args, run.master)
         os.makedirs(args.out, exist_ok=True)
-        (train_tokenizer if args.stage == "tokenizer" else train_dit)(args, **run)
+        (train_tokenizer if args.stage == "tokenizer" else train_dit)(run)
         if dist.is_initialized():
             dist.barrier()  # every rank leaves once rank 0 has written its files
+
 
 if __name__ == "__main__":
     run_main(main)
