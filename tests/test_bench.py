@@ -1,5 +1,7 @@
 """bench.py's analytic FLOP counts (the numerator of MFU) against torch's FLOP counter, within 2%,
 on small configs of every model the benchmark times; and one tiny CPU run of the benchmark."""
+import json
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,12 +55,24 @@ def test_sd_vae_decoder_has_the_released_shape():
     assert bench.conv_linear_flops(dec, x) == pytest.approx(counted(dec, x), rel=0.02)
 
 
-def test_tiny_benchmark_runs_on_cpu(tmp_path):
+def test_tiny_benchmark_reports_every_rate_and_writes_them(tmp_path):
     out = tmp_path / "bench.json"
     res = bench.main(["--image-size", "16", "--num-tokens", "8", "--dit-tokens", "8", "16", "--batch-size", "2",
                       "--sample-steps", "2", "--warmup", "1", "--iters", "1", "--text-len", "16", "--json", str(out)])
-    names = [r["bench"] for r in res]
-    assert names == ["tokenizer train step", "dit", "dit", "generation", "text conditioning cost"]
-    assert all(r.get("img_per_s", 1) > 0 for r in res) and res[3]["grid_tokens"] == 1  # 16 px: a 1x1 grid
-    assert res[3]["s_decode_2d_grid"] > 0 and res[3]["s_per_img_2d_grid"] > res[3]["s_decode_2d_grid"]
-    assert out.is_file()
+    assert [r["bench"] for r in res] == ["tokenizer train step", "dit", "dit", "generation", "text conditioning cost"]
+    tok, dits, gen, text = res[0], res[1:3], res[3], res[4]
+    # Each benchmark's rates are there and positive; a CPU has no peak FLOP/s, so no MFU is claimed.
+    assert tok["img_per_s"] > 0 and tok["tflops_per_s"] > 0 and tok["mfu"] is None
+    assert sum(tok["share_of_flops"].values()) == pytest.approx(1.0)
+    assert [d["tokens"] for d in dits] == [8, 16]
+    for d in dits:
+        assert d["train_img_per_s"] > 0 and d["sample_img_steps_per_s"] > 0 and d["train_mfu"] is d["sample_mfu"] is None
+    assert dits[1]["gflops_per_forward"] > dits[0]["gflops_per_forward"]  # twice the tokens, more work
+    # Generation: a 16 px image is a 1x1 grid of SD-VAE latents (8x down, patch 2); the grid side's
+    # time includes its decoder's, and the speedup is the ratio of the two times per image.
+    assert gen["grid_tokens"] == 1 and gen["s_per_img_2d_grid"] > gen["s_decode_2d_grid"] > 0
+    assert gen["speedup"] == pytest.approx(gen["s_per_img_2d_grid"] / gen["s_per_img_textok"])
+    assert text["s_per_img_cached"] > 0 and text["s_per_img_uncached"] > 0
+    # --json holds exactly the printed results, with the device they were measured on.
+    saved = json.loads(out.read_text())
+    assert saved["results"] == res and saved["device"].startswith("CPU")

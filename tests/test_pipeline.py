@@ -17,7 +17,7 @@ import sample
 import train
 from conftest import kill_after_checkpoint
 from data import ShapesDataset
-from pixels import psnr
+from pixels import psnr, to_uint8
 from textok import TexTok, TextEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,16 +69,32 @@ def test_tokenizer_to_dit_to_samples(workdir, tmp_path, cond):
     np.testing.assert_allclose(meta["latent_mean"], z.mean((0, 1)).numpy(), atol=1e-4)
     np.testing.assert_allclose(meta["latent_std"], z.std((0, 1), unbiased=False).numpy(), rtol=1e-3)
 
-    # sample.py: a grid, and an ADM-style .npz of the right shape and dtype.
+    # sample.py's grid: one row per prompt / class, --per-row samples each (16 px tiles shown at
+    # x10), and what each row shows in a .txt beside it.
+    from PIL import Image
     grid = tmp_path / "grid.png"
-    flag = ["--prompt", "a large red circle in the center, on a blue background"] if cond == "text" else ["--class-id", "0", "2"]
+    prompt = "a large red circle in the center, on a blue background"
+    flag = ["--prompt", prompt] if cond == "text" else ["--class-id", "0", "2"]
     sample.main(["--dit", str(out / "ckpt-latest.pt"), "--steps", "4", "--per-row", "3", "--out", str(grid), *flag])
-    assert grid.is_file() and (tmp_path / "grid.txt").read_text().count("\n") == (1 if cond == "text" else 2)
-    npz = tmp_path / "s.npz"
-    sample.main(["--dit", str(out / "dit"), "--steps", "4", "--num-samples", "5", "--batch-size", "2",
-                 "--out", str(npz)])
-    arr = np.load(npz)["arr_0"]
-    assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
+    rows = [f"row 0: {prompt}"] if cond == "text" else ["row 0: class 0", "row 1: class 2"]
+    assert Image.open(grid).size == (3 * 160, len(rows) * 160)
+    assert (tmp_path / "grid.txt").read_text().splitlines() == rows
+
+    # ... and its .npz for eval_fid.py: uint8 images with the condition of each, dealt evenly over
+    # the rows (the default rows: unseen built-in captions, or the classes), the same images for
+    # the same --seed and others for another.
+    def npz(seed, name):
+        sample.main(["--dit", str(out / "dit"), "--steps", "4", "--num-samples", "5", "--batch-size", "2",
+                     "--seed", str(seed), "--out", str(tmp_path / name)])
+        return np.load(tmp_path / name)
+    a, again, other = npz(0, "a.npz"), npz(0, "again.npz"), npz(1, "other.npz")
+    assert a["arr_0"].shape == (5, 16, 16, 3) and a["arr_0"].dtype == np.uint8
+    assert np.array_equal(a["arr_0"], again["arr_0"]) and not np.array_equal(a["arr_0"], other["arr_0"])
+    if cond == "text":  # the prompts are what eval_fid.py's CLIP score and adherence compare against
+        assert set(a.files) == {"arr_0", "prompts"}
+        assert list(a["prompts"]) == ShapesDataset(8, 8, seed=sample.UNSEEN_SEED).captions[:5]
+    else:
+        assert set(a.files) == {"arr_0", "labels"} and list(a["labels"]) == [0, 1, 2, 3, 4]
     # The DiT's training log holds a prompt adherence per evaluation for T2I on built-in captions.
     with open(out / "log.jsonl") as f:
         evals = [r["eval"] for r in map(json.loads, f) if "eval" in r]
@@ -180,7 +196,7 @@ def test_reconstruction_metrics_of_a_trained_tokenizer(workdir, tmp_path):
                          "--num-images", "8", "--other-captions", "--empty-captions"])
     assert json.loads(out.read_text()) == res and res["num_images"] == 8
     for run in ("captions", "other captions", "empty captions"):
-        assert {"rfid", "psnr", "ssim", "lpips"} <= set(res[run]) and res[run]["rfid"] >= 0
+        assert {"rfid", "psnr", "ssim", "lpips"} <= set(res[run])
     # It scored held-out scenes (the run trained on seed 0, so seed 1), and says so.
     assert "seed 1" in res["images"] and "held-out" in res["images"]
     # The PSNR is the tokenizer's own: each image with its caption, with the next image's, with none.
@@ -195,6 +211,15 @@ def test_reconstruction_metrics_of_a_trained_tokenizer(workdir, tmp_path):
     assert res["captions"]["psnr"] == pytest.approx(psnr(recon, x).mean().item(), rel=1e-4)
     assert res["other captions"]["psnr"] == pytest.approx(psnr(recon1, x).mean().item(), rel=1e-4)
     assert res["empty captions"]["psnr"] == pytest.approx(psnr(recon0, x).mean().item(), rel=1e-4)
+    # rFID is the FID of those reconstructions against the originals, in the Inception's features.
+    inception = eval_fid.Inception()
+    stats = []
+    for images in (recon, x):
+        s = eval_fid.Stats()
+        s.update(inception(to_uint8(images))[0].numpy())
+        stats += s.mu_sigma()
+    assert res["captions"]["rfid"] == pytest.approx(eval_fid.frechet_distance(*stats), rel=1e-3)
+    assert res["captions"]["rfid"] > 0  # reconstructions of 2 training steps are not the originals
 
 
 @needs_inception
