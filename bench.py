@@ -14,15 +14,15 @@ torch.utils.flop_counter on small configs. Only matmuls and convolutions are cou
 norms and activations are a few percent), as in the PaLM / nanoGPT MFU convention.
 """
 import argparse
-import json
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from devices import autocast
 from dit import DiT, Diffusion, guided, make_dit_config
+from files import write_json
 from textok import LPIPS, Blur, Discriminator, TexTok, d_loss, g_loss, make_config
 
 # Peak dense bf16 tensor-core FLOP/s (vendor datasheets, without sparsity).
@@ -106,6 +106,8 @@ def timed(fn, device, warmup=2, iters=5):
     """Seconds per call, after warm-up (compilation, autotuning), with CUDA synchronised."""
     for _ in range(warmup):
         fn()
+    # CUDA runs asynchronously: without a synchronize the clock would stop when the kernels are
+    # queued, not when they have run.
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -117,6 +119,8 @@ def timed(fn, device, warmup=2, iters=5):
 
 
 def peak_flops(device, override=None):
+    """The denominator of MFU in FLOP/s: --peak-tflops, else the datasheet value of the GPU's name
+    (PEAK_BF16), else None (a CPU, or a GPU not in the table: MFU is not reported)."""
     if override:
         return override * 1e12
     if device.type != "cuda":
@@ -136,15 +140,17 @@ def bench_tokenizer(args, device, autocast, peak):
     cfg = make_config(args.tokenizer, image_size=args.image_size, patch_size=args.patch_size,
                       num_tokens=args.num_tokens, text_dim=args.text_dim, text_len=args.text_len)
     B, R = args.batch_size, args.image_size
+    # The paper's ~24M-parameter D from 128 px (channel base 16384, max 512); below, the small D of
+    # train.py's defaults (1024, 128), as the paper's would dwarf a 32 px tokenizer.
     tok, disc = TexTok(cfg).to(device), Discriminator(R, 16384 if R >= 128 else 1024, 512 if R >= 128 else 128).to(device)
-    lpips = LPIPS().to(device)  # random weights time the same as the real ones
+    lpips = LPIPS().to(device)  # random weights time the same as the real ones (and need no download)
     opt, opt_d = torch.optim.AdamW(tok.parameters()), torch.optim.AdamW(disc.parameters())
     tok_c, disc_c = (torch.compile(tok), torch.compile(disc)) if args.compile else (tok, disc)
-    x = torch.rand(B, 3, R, R, device=device) * 2 - 1
-    text = torch.randn(B, args.text_len, args.text_dim, device=device)
-    mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
+    x = torch.rand(B, 3, R, R, device=device) * 2 - 1  # (B, 3, R, R) images in [-1, 1]
+    text = torch.randn(B, args.text_len, args.text_dim, device=device)  # (B, Lt, Dt), as cached embeddings
+    mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)  # (B, Lt): every position real, the worst case
 
-    def step():
+    def step():  # train.py's tokenizer step, with the GAN on (the most expensive step it takes)
         with autocast:
             recon, post = tok_c(x, text, mask)
             disc.requires_grad_(False)
@@ -238,13 +244,16 @@ class SDVAEDecoder(nn.Module):
 
 
 def make_dit(args, tokens, token_dim, device):
+    """The --dit size over `tokens` tokens of `token_dim` channels: DiT-T2I with --t2i, else class-conditional."""
     cond = dict(cond="text", text_dim=args.text_dim, text_len=args.text_len) if args.t2i else dict(cond="class")
     return DiT(make_dit_config(args.dit, num_tokens=tokens, token_dim=token_dim, **cond)).to(device)
 
 
 def dit_inputs(args, model, B, device):
+    """Random conditions for a batch of B: ImageNet's 1000 class labels, or caption embeddings
+    padded to --text-len with every position real (cross-attention then costs the most)."""
     if model.cfg.cond == "class":
-        return dict(y=torch.randint(0, 1000, (B,), device=device))
+        return dict(y=torch.randint(0, 1000, (B,), device=device))  # (B,)
     return dict(text=torch.randn(B, args.text_len, args.text_dim, device=device),
                 text_mask=torch.ones(B, args.text_len, dtype=torch.bool, device=device))
 
@@ -256,7 +265,7 @@ def bench_dit(args, device, autocast, peak, tokens, token_dim=8, label=None):
     model = make_dit(args, tokens, token_dim, device)
     fwd = torch.compile(model) if args.compile else model
     opt, diff = torch.optim.AdamW(model.parameters()), Diffusion()
-    x0 = torch.randn(B, tokens, token_dim, device=device)
+    x0 = torch.randn(B, tokens, token_dim, device=device)  # (B, N, d): stands in for cached latents
     cond = dit_inputs(args, model, B, device)
 
     def train_step():
@@ -269,11 +278,13 @@ def bench_dit(args, device, autocast, peak, tokens, token_dim=8, label=None):
     eps_fn = guided(fwd, args.cfg_scale, **cond)
 
     @torch.no_grad()
-    def sample_step():
+    def sample_step():  # one guided step; every timestep costs the same, so any t will do
         with autocast:
             eps_fn(x0, torch.full((B,), 500, device=device))
     t_train = timed(train_step, device, args.warmup, args.iters)
     t_sample = timed(sample_step, device, args.warmup, args.iters)
+    # Training is forward + backward, 3 forwards' worth (backward computes the gradients of both
+    # inputs and weights); a guided sampling step is one forward of the doubled batch, 2 x B.
     f = dit_flops(model.cfg)
     return {"bench": label or "dit", "model": args.dit, "tokens": tokens, "token_dim": token_dim, "batch": B,
             "train_img_per_s": B / t_train, "train_mfu": 3 * B * f / t_train / peak if peak else None,
@@ -291,24 +302,24 @@ def bench_generation(args, device, autocast):
     cfg = make_config(args.tokenizer, image_size=args.image_size, patch_size=args.patch_size,
                       num_tokens=args.num_tokens, text_dim=args.text_dim, text_len=args.text_len)
     tok = TexTok(cfg).to(device).eval()
-    text = torch.randn(B, args.text_len, args.text_dim, device=device)
-    mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
+    text = torch.randn(B, args.text_len, args.text_dim, device=device)  # (B, Lt, Dt)
+    mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)  # (B, Lt)
     out = {}
-    grid_tokens = (args.image_size // 8 // 2) ** 2
+    grid_tokens = (args.image_size // 8 // 2) ** 2  # SD-VAE downsamples 8x, DiT-XL/2 patches 2x2 of it
     for name, tokens, token_dim in (("textok", args.num_tokens, cfg.token_dim), ("2d-grid", grid_tokens, 16)):
         model = make_dit(args, tokens, token_dim, device).eval()
         fwd = torch.compile(model) if args.compile else model
         eps_fn = guided(fwd, args.cfg_scale, **dit_inputs(args, model, B, device))
-        x = torch.randn(B, tokens, token_dim, device=device)
-        t = torch.full((B,), 500, device=device)
+        x = torch.randn(B, tokens, token_dim, device=device)  # (B, tokens, token_dim) noisy latents
+        t = torch.full((B,), 500, device=device)  # any timestep: the cost is the same
 
         @torch.no_grad()
         def one_step():
             with autocast:
                 eps_fn(x, t)
         sec = timed(one_step, device, args.warmup, args.iters) * steps  # every step costs the same
-        if name == "textok":
-            z = torch.randn(B, cfg.num_tokens, cfg.token_dim, device=device)
+        if name == "textok":  # the detokenizer reads the caption too (the paper's T2I setting)
+            z = torch.randn(B, cfg.num_tokens, cfg.token_dim, device=device)  # (B, N, d)
 
             @torch.no_grad()
             def detok():
@@ -317,7 +328,7 @@ def bench_generation(args, device, autocast):
         else:
             vae = SDVAEDecoder().to(device).eval()
             vae = torch.compile(vae) if args.compile else vae
-            z = torch.randn(B, 4, args.image_size // 8, args.image_size // 8, device=device)
+            z = torch.randn(B, 4, args.image_size // 8, args.image_size // 8, device=device)  # (B, 4, H/8, W/8)
 
             @torch.no_grad()
             def detok():
@@ -338,8 +349,8 @@ def bench_text_cost(args, device, autocast):
     from textok import TextEncoder
     B = args.batch_size
     encoder = TextEncoder(args.text_encoder, args.text_len, device)
-    captions = ShapesDataset(B, 8).captions
-    text, mask = (v.to(device) for v in encoder(captions))
+    captions = ShapesDataset(B, 8).captions  # real captions, so the encoder's cost is a real caption's
+    text, mask = (v.to(device) for v in encoder(captions))  # (B, Lt, Dt), (B, Lt)
     cfg = make_config(args.tokenizer, image_size=args.image_size, patch_size=args.patch_size,
                       num_tokens=args.num_tokens, text_dim=text.shape[-1], text_len=args.text_len)
     tok = TexTok(cfg).to(device).eval()
@@ -351,7 +362,7 @@ def bench_text_cost(args, device, autocast):
             tok(x, text, mask, sample=False)
 
     @torch.no_grad()
-    def uncached():
+    def uncached():  # what a training step would cost if the encoder ran every step (house rule 8)
         t, m = (v.to(device) for v in encoder(captions))
         with autocast:
             tok(x, t, m, sample=False)
@@ -362,6 +373,7 @@ def bench_text_cost(args, device, autocast):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the models' sizes (defaults: the tiny ones a CPU trains; the paper's are in the docstring above)
     p.add_argument("--tokenizer", default="TexTok-T")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=4)
@@ -372,6 +384,7 @@ def get_args(argv=None):
     p.add_argument("--dit", default="DiT-T")
     p.add_argument("--t2i", action="store_true", help="benchmark DiT-T2I (cross-attention) instead of class DiT")
     p.add_argument("--dit-tokens", type=int, nargs="+", default=[32, 64, 128, 256])
+    # how each is timed
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=4.0)
@@ -387,27 +400,27 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Timed as train.py and sample.py run: compiled, tf32 matmuls and bf16 autocast on CUDA.
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    amp = autocast(device)
     peak = peak_flops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name} | peak bf16 {peak / 1e12:.0f} TFLOP/s" if peak else f"device: {name} | MFU not reported (no peak)")
     only = set(args.only or ["tokenizer", "dit", "generation", "text"])
     results = []
     if "tokenizer" in only:
-        results.append(bench_tokenizer(args, device, autocast, peak))
+        results.append(bench_tokenizer(args, device, amp, peak))
     if "dit" in only:
-        results += [bench_dit(args, device, autocast, peak, n) for n in args.dit_tokens]
+        results += [bench_dit(args, device, amp, peak, n) for n in args.dit_tokens]  # the DiT's cost grows with N
     if "generation" in only:
-        results.append(bench_generation(args, device, autocast))
+        results.append(bench_generation(args, device, amp))
     if "text" in only:
-        results.append(bench_text_cost(args, device, autocast))
+        results.append(bench_text_cost(args, device, amp))
     for r in results:
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "args": vars(args), "results": results}, f, indent=2)
+    if args.json:  # the device and flags beside the numbers: a rate means nothing without them
+        write_json(args.json, {"device": name, "args": vars(args), "results": results})
     return results
 
 

@@ -36,6 +36,9 @@ from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
 from devices import distributed
 from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main
 
+# What a chat VLM is asked. The paper's captions (Gemini 1.5 Flash, §4.1) are "detailed", up to 75
+# words; more descriptive captions reconstruct better (Table 4a), so the prompt asks for the
+# objects, their colours, textures and positions, and the background: what a tokenizer can use.
 PROMPT = ("Describe this image in detail in at most {n} words: the main objects, their colours, textures "
           "and positions, and the background. Answer with the description only.")
 
@@ -98,7 +101,7 @@ def write_jsonl(path, rows):
 
 
 def truncate_words(text, n):
-    """At most n words, whitespace collapsed."""
+    """At most n words, whitespace collapsed: the paper's limit is in words (75), not tokens."""
     return " ".join(text.split()[:n])
 
 
@@ -159,6 +162,7 @@ class Captioner:
 
     @torch.no_grad()
     def __call__(self, images):
+        """A list of PIL images -> one caption each, decoded greedily (no sampling noise in them)."""
         if self.chat:
             messages = [{"role": "user", "content": [{"type": "image"},
                                                      {"type": "text", "text": PROMPT.format(n=self.max_words)}]}]
@@ -182,6 +186,9 @@ class Captioner:
 #################################################################################
 
 def caption_folder(args, rank=0, world=1, device=None):
+    """Captions this process's share of --data (--shard i/n, else its torchrun rank's) into its
+    own file, appended batch by batch: a rerun skips what is already there (read_done), and an
+    unreadable image is skipped and counted, never fatal. -> (the file, images skipped)."""
     files, labels = find_images(args.data)
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
@@ -189,8 +196,8 @@ def caption_folder(args, rank=0, world=1, device=None):
             raise UserError(f"--shard {args.shard}: expected i/n with 0 <= i < n")
     else:
         i, n = rank, world
-    path = args.out if n == 1 else f"{args.out}.shard-{i}-of-{n}"
-    mine = list(range(len(files)))[i::n]
+    path = args.out if n == 1 else f"{args.out}.shard-{i}-of-{n}"  # one writer per file
+    mine = list(range(len(files)))[i::n]  # every n-th image: shards of nearly equal size
     done = read_done(path)
     todo = [k for k in mine if files[k] not in done]
     captioner = Captioner(args.model, args.max_words, device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -234,7 +241,7 @@ def holdout(path, fraction, seed=0):
         if problem is not None:
             raise UserError(problem)
         rows.append(r)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the same split for the same file and seed
     by_class = {}
     for k, r in enumerate(rows):
         by_class.setdefault(r["label"], []).append(k)
@@ -242,7 +249,7 @@ def holdout(path, fraction, seed=0):
     for label, ks in by_class.items():
         if len(ks) < 2:
             raise UserError(f"{path}: class {label} has {len(ks)} caption(s); holding one out would leave none to train on")
-        take = min(len(ks) - 1, max(1, round(fraction * len(ks))))
+        take = min(len(ks) - 1, max(1, round(fraction * len(ks))))  # at least one held out, one left
         unseen.update(rng.choice(ks, size=take, replace=False).tolist())
     stem = os.path.splitext(path)[0]
     train_path, unseen_path = f"{stem}-train.jsonl", f"{stem}-unseen.jsonl"
@@ -273,6 +280,8 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    """One of three commands: --holdout splits a caption file; --merge joins shard files; else
+    caption --data (one process, one --shard, or every torchrun rank, merged by rank 0)."""
     args = get_args(argv)
     if args.holdout:
         train_path, unseen_path, n = holdout(args.holdout, args.fraction, args.seed)

@@ -47,7 +47,7 @@ class Stats:
     products), so any batching or order gives the same result as one pass over all features."""
 
     def __init__(self, dim=2048):
-        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))  # count, (dim,), (dim, dim)
 
     def update(self, feats):
         f = np.asarray(feats, dtype=np.float64)  # (B, dim)
@@ -56,6 +56,7 @@ class Stats:
         self.outer += f.T @ f
 
     def mu_sigma(self):
+        """(mean (dim,), covariance (dim, dim)) of everything added so far."""
         if self.n < 2:
             raise UserError(f"a covariance needs at least 2 images, got {self.n}")
         mu = self.sum / self.n
@@ -136,6 +137,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
 def default_cache_dir():
+    """Where a downloaded Inception is kept: $XDG_CACHE_HOME/textok, else ~/.cache/textok."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "textok")
 
 
@@ -215,6 +217,7 @@ class Inception:
 
     @property
     def has_classifier(self):
+        """StyleGAN's file has the 1008-way classifier the Inception Score needs; fid-helper's does not."""
         return self.head_weight is not None
 
     @torch.no_grad()
@@ -297,6 +300,7 @@ def image_batches(src, batch_size):
 
 
 def num_images(src):
+    """How many images a load_source dict holds (0 for a statistics .npz)."""
     return len(src["images"]) if "images" in src else len(src.get("files", []))
 
 
@@ -405,10 +409,9 @@ def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_si
                             lpips=None, device="cpu", real_stats=None):
     """Reconstruct every image (EMA tokenizer, posterior mean, its own caption) and compare:
     rFID and rIS (Inception on originals vs reconstructions; skipped when `inception` is None),
-    PSNR, SSIM, LPIPS. `caption_tests`
-    says how much the caption is used: "other" repeats it with each image given the next image's
-    caption, "empty" with the empty caption. `real_stats` (a Stats of the originals, filled by an
-    earlier call) skips recomputing the originals."""
+    PSNR, SSIM, LPIPS. `caption_tests` says how much the caption is used: "other" repeats it with
+    each image given the next image's caption, "empty" with the empty caption. `real_stats` (a
+    Stats of the originals, filled by an earlier call) skips recomputing the originals."""
     n = len(dataset)
     captions = {"captions": lambda i: dataset.captions[i], "other captions": lambda i: dataset.captions[(i + 1) % n],
                 "empty captions": lambda i: ""}
@@ -487,6 +490,7 @@ def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, 
 
 
 def get_args(argv=None):
+    """The shared flags, then one subcommand (gen, stats, adherence, recon) with its own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inception", default=None, help="Inception TorchScript file (else cache, package, download)")
     p.add_argument("--cache-dir", default=None, help=f"where a downloaded Inception is kept (default {default_cache_dir()})")
@@ -545,26 +549,51 @@ def adherence_report(path):
 
 
 def load_inception(args):
+    """The Inception from --inception or the usual sources, saying which it is and whether IS can be computed."""
     inception = Inception(args.inception, args.cache_dir)
     print(f"Inception: {inception.source}" + ("" if inception.has_classifier else
           " (feature layers only: no Inception Score; pass --inception inception-2015-12-05.pt for IS)"))
     return inception
 
 
+def reconstruction_report(args):
+    """`recon`: a tokenizer's rFID / rIS / PSNR / SSIM / LPIPS on images it never trained on (its
+    run's held-out split, held_out_images), each image decoded with its own caption, plus the
+    --other-captions / --empty-captions runs that show how much the caption is used."""
+    from textok import LPIPS, TexTok, TextEncoder
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = TexTok.from_pretrained(args.tokenizer, device).eval()
+    cfg = tok.cfg
+    data, which = held_out_images(args.tokenizer, cfg.image_size, args.data, args.captions, args.seed,
+                                  args.num_images, args.files)
+    print(f"scoring {which}")
+    inception = None
+    if len(data) < 2:  # a folder of under 20 images holds out one
+        print(f"rFID and rIS skipped: they need at least 2 images, and {which} has {len(data)}")
+    else:
+        inception = load_inception(args)
+    encoder = None
+    if cfg.cond == "text" and cfg.text_in != "none":  # the encoder the tokenizer was trained with
+        encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device)
+    lpips = None if args.no_lpips else LPIPS.load(device=device)
+    tests = [t for t in ("other", "empty") if getattr(args, f"{t}_captions")]
+    results = evaluate_reconstruction(tok, data, inception, encoder, args.batch_size, tests, lpips, device)
+    results["images"] = which
+    if hasattr(data, "indices"):  # a folder: the scored files, by name
+        results["files"] = [data.dataset.files[i] for i in data.indices]
+    return results
+
+
 def main(argv=None):
+    """Runs one command; prints its results as JSON (and writes them to --json) and returns them."""
     args = get_args(argv)
     if args.command == "adherence":  # pixels only: no Inception needed
         results = adherence_report(args.samples)
-        print(json.dumps(results, indent=2))
-        if args.json:
-            write_json(args.json, results)
-        return results
-    if args.command == "stats":
+    elif args.command == "stats":
         src = load_source(args.images)
         if num_images(src) < 2:
             raise UserError(f"{args.images} holds {num_images(src)} image(s): statistics need at least 2 (a covariance)")
-        inception = load_inception(args)
-        feats, _, mu, sigma = features_of(src, inception, args.batch_size, "images")
+        feats, _, mu, sigma = features_of(src, load_inception(args), args.batch_size, "images")
         save_stats(args.out, mu, sigma, feats)
         results = {"num_images": len(feats), "stats": args.out}
     elif args.command == "gen":
@@ -572,35 +601,14 @@ def main(argv=None):
         check_counts(samples, ref, args.k)  # before loading the Inception, let alone running it
         results, (f_r, mu_r, sg_r) = evaluate_generation(samples, ref, load_inception(args), args.batch_size, args.k,
                                                          args.clip_model)
-        if args.save_ref_stats:
+        if args.save_ref_stats:  # a reference computed once serves every later comparison
             save_stats(args.save_ref_stats, mu_r, sg_r, f_r)
     else:
-        from textok import LPIPS, TexTok, TextEncoder
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        tok = TexTok.from_pretrained(args.tokenizer, device).eval()
-        cfg = tok.cfg
-        data, which = held_out_images(args.tokenizer, cfg.image_size, args.data, args.captions, args.seed,
-                                      args.num_images, args.files)
-        print(f"scoring {which}")
-        inception = None
-        if len(data) < 2:  # a folder of under 20 images holds out one
-            print(f"rFID and rIS skipped: they need at least 2 images, and {which} has {len(data)}")
-        else:
-            inception = load_inception(args)
-        encoder = None
-        if cfg.cond == "text" and cfg.text_in != "none":
-            encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device)
-        lpips = None if args.no_lpips else LPIPS.load(device=device)
-        tests = [t for t in ("other", "empty") if getattr(args, f"{t}_captions")]
-        results = evaluate_reconstruction(tok, data, inception, encoder, args.batch_size, tests, lpips, device)
-        results["images"] = which
-        if hasattr(data, "indices"):  # a folder: the scored files, by name
-            results["files"] = [data.dataset.files[i] for i in data.indices]
+        results = reconstruction_report(args)
     print(json.dumps(results, indent=2))
     if args.json:
         write_json(args.json, results)
     return results
-
 
 if __name__ == "__main__":
     run_main(main)
