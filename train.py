@@ -624,6 +624,7 @@ def train_tokenizer(run):
                       text_len=args.text_len, text_in=args.text_in, text_mode=args.text_mode, cond=args.cond,
                       num_classes=max(train_set.labels) + 1 if args.cond == "class" else 1,
                       text_encoder=args.text_encoder if use_text else "", init=args.init)
+    torch.manual_seed(args.seed + run.rank)  # the inits, whether or not the caches were just computed
     model = TexTok(cfg)
     # The discriminator, its optimizer and the LeCAM anchors exist only in a run that reaches
     # --disc-start (late, as in TiTok/MAGVIT: a GAN on blurry reconstructions only adds artifacts).
@@ -774,6 +775,7 @@ def train_dit(run):
     meta = dict(latent_mean=stats["mean"], latent_std=stats["std"], tokenizer=os.path.abspath(args.tokenizer),
                 tokenizer_config=asdict(tcfg), tokenizer_sha256=tok_digest, text_encoder=encoder_name,
                 text_len=tcfg.text_len, num_classes=cfg.num_classes, data=args.data)
+    torch.manual_seed(args.seed + run.rank)  # the init, whether or not the caches were just computed
     run.start(DiT(cfg), cfg, f"{args.dit_model} ({'DiT-T2I' if cond == 'text' else 'class-conditional'})",
               f"{len(train_set)} latents of {cfg.num_tokens} x {cfg.token_dim}", shown=("loss",),
               plain={"dit_meta": meta})
@@ -845,7 +847,6 @@ def main(argv=None):
     with distributed() as (rank, world, device):
         if args.batch_size % world:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
-        torch.manual_seed(args.seed + rank)  # model inits: DDP then broadcasts rank 0's weights to all
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # house rule 6
         run = Run(args, rank, world, device)
         claim_out(args, run.master)

@@ -118,12 +118,18 @@ def test_sample_takes_hub_repo_ids_from_the_hub_cache(workdir, tmp_path, monkeyp
     assert grid.is_file()
 
 
-def test_latent_cache_is_computed_once(workdir, tmp_path):
-    train.main(dit_args(workdir, tmp_path / "a", "--steps", "1", "--eval-every", "1000"))
-    files = {p: os.path.getmtime(p) for p in glob.glob(str(workdir / "cache" / "latents-*"))}
+def test_latent_cache_is_computed_once_and_changes_nothing(workdir, tmp_path):
+    cache = tmp_path / "cache"  # empty: the first run fills it (a flag given twice: the last counts)
+    flags = ["--steps", "1", "--eval-every", "1000", "--cache-dir", str(cache)]
+    run = lambda out: train.main(dit_args(workdir, out, *flags))
+    run(tmp_path / "a")
+    files = {p: os.path.getmtime(p) for p in glob.glob(str(cache / "latents-*"))}
     assert any(p.endswith(".npy") for p in files)
-    train.main(dit_args(workdir, tmp_path / "b", "--steps", "1", "--eval-every", "1000"))
-    assert {p: os.path.getmtime(p) for p in glob.glob(str(workdir / "cache" / "latents-*"))} == files
+    run(tmp_path / "b")
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(cache / "latents-*"))} == files
+    # ... and a run that found the caches trains exactly as the one that filled them.
+    a, b = ckpt(tmp_path / "a"), ckpt(tmp_path / "b")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_dit_resume_matches_an_uninterrupted_run(workdir, tmp_path, monkeypatch):
