@@ -15,7 +15,7 @@ import torch
 import eval_fid
 import sample
 import train
-from conftest import kill_after_checkpoint
+from conftest import captioned_folder, kill_after_checkpoint
 from data import ShapesDataset
 from pixels import psnr, to_uint8
 from textok import TexTok, TextEncoder
@@ -230,14 +230,8 @@ def test_reconstruction_metrics_of_a_trained_tokenizer(workdir, tmp_path):
 
 @needs_inception
 def test_recon_on_a_folder_scores_only_the_runs_held_out_images(tmp_path):
-    from PIL import Image
-    root, lines = tmp_path / "imgs", []
-    os.makedirs(root)
-    for i in range(30):
-        Image.new("RGB", (20, 20), (8 * i, 100, 50)).save(root / f"{i:02d}.png")
-        lines.append(json.dumps({"file": f"{i:02d}.png", "caption": f"colour {i}"}))
-    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
-    folder = ["--data", str(root), "--captions", str(tmp_path / "caps.jsonl"), "--val-images", "3", "--seed", "5"]
+    root, caps = captioned_folder(tmp_path, 30, lambda i: (8 * i, 100, 50), lambda i: f"colour {i}")
+    folder = ["--data", str(root), "--captions", str(caps), "--val-images", "3", "--seed", "5"]
     train.main(["--image-size", "16", "--patch-size", "4", "--num-tokens", "4", "--text-len", "16", "--batch-size", "4",
                 "--steps", "1", "--lpips-weight", "0", "--num-workers", "0", "--out", str(tmp_path / "tok"),
                 "--cache-dir", str(tmp_path / "cache"), *folder])

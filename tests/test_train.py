@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from conftest import kill_after_checkpoint
+from conftest import captioned_folder, kill_after_checkpoint
 from files import DiskFull, UserError
 from textok import TexTok
 
@@ -125,14 +125,8 @@ def test_folder_data_keeps_each_image_with_its_own_caption(tmp_path):
     # 12 flat-coloured images, each captioned with its own colour value. After the train /
     # held-out split, item k of a split must return index k (the row of the caption caches built
     # from split.captions) and the image that caption describes.
-    from PIL import Image
-    root, lines = tmp_path / "imgs", []
-    os.makedirs(root)
-    for i in range(12):
-        Image.new("RGB", (20, 20), (20 * i, 0, 0)).save(root / f"{i:02d}.png")
-        lines.append(json.dumps({"file": f"{i:02d}.png", "caption": f"red level {20 * i}"}))
-    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
-    args = train.get_args(["--data", str(root), "--captions", str(tmp_path / "caps.jsonl"), "--val-images", "2"])
+    root, caps = captioned_folder(tmp_path, 12, lambda i: (20 * i, 0, 0), lambda i: f"red level {20 * i}")
+    args = train.get_args(["--data", str(root), "--captions", str(caps), "--val-images", "2"])
     train_set, val_set, _ = train.build_data(args, 16, master=False)
     assert len(train_set) == 11 and len(val_set) == 1  # at most a tenth is held out
     for split in (train_set, val_set):
@@ -141,8 +135,8 @@ def test_folder_data_keeps_each_image_with_its_own_caption(tmp_path):
             red = round((image[0, 0, 0].item() + 1) * 127.5)
             assert index == k and split.captions[k] == f"red level {red}"
     # ... and a run on it trains (caption rows looked up by those indices).
-    train.main(tiny_args(tmp_path / "out", tmp_path / "cache", "--data", str(root), "--captions",
-                         str(tmp_path / "caps.jsonl"), "--steps", "2", "--batch-size", "4"))
+    train.main(tiny_args(tmp_path / "out", tmp_path / "cache", "--data", str(root), "--captions", str(caps),
+                         "--steps", "2", "--batch-size", "4"))
     assert load(tmp_path / "out")["step"] == 2
 
 
@@ -244,15 +238,9 @@ def test_flags_no_run_can_use_are_refused_before_any_work(flags, says, capsys):
 
 
 def test_a_folder_of_three_images_holds_one_out_and_reaches_a_checkpoint(tmp_path):
-    from PIL import Image
-    root = tmp_path / "imgs"
-    os.makedirs(root)
-    for i in range(3):
-        Image.new("RGB", (20, 20), (80 * i, 40, 200)).save(root / f"{i}.png")
-    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "caption": f"blue {i}"}) + "\n"
-                                                 for i in range(3)))
+    root, caps = captioned_folder(tmp_path, 3, lambda i: (80 * i, 40, 200), lambda i: f"blue {i}")
     out = tmp_path / "out"
-    train.main(tiny_args(out, tmp_path / "cache", "--data", str(root), "--captions", str(tmp_path / "caps.jsonl"),
+    train.main(tiny_args(out, tmp_path / "cache", "--data", str(root), "--captions", str(caps),
                          "--batch-size", "2", "--steps", "2", "--eval-every", "1", "--lpips-weight", "0"))
     with open(out / "log.jsonl") as f:
         evals = [r["eval"] for r in map(json.loads, f) if "eval" in r]
