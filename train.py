@@ -14,9 +14,6 @@ What a step does (losses following MAGVIT-v2 [49] and TiTok [50]; the DiT as DiT
                discriminator loss = hinge(real, fake) + LeCAM(real, fake)
     dit        cached latent tokens of the frozen tokenizer, noised at a random timestep -> the
                DiT predicts the noise (DDPM's epsilon loss), given a class or the caption
-
-The file, top to bottom: flags; data and the caches of frozen features; the optimisation recipe;
-checkpoints; `Run`, the machinery both stages share; each stage as one function; main.
 """
 import argparse
 import copy
@@ -213,8 +210,7 @@ def text_cache(run, captions, encoder_name, text_len):
 
 
 def caption_caches(run, train_set, val_set, encoder_name, text_len):
-    """(training cache, held-out cache). The held-out one has a last row more, the empty caption
-    (index len(val_set)): evaluations decode with it to show how much the caption is used."""
+    """(training cache, held-out cache); the held-out one ends with the empty caption (row len(val_set))."""
     return (text_cache(run, train_set.captions, encoder_name, text_len),
             text_cache(run, val_set.captions + [""], encoder_name, text_len))
 
@@ -237,8 +233,7 @@ def fetch_text(cache, idx, device, trim=False):
 @torch.no_grad()
 def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
     """The training set encoded once by the frozen tokenizer (posterior means, each image with its
-    caption) into an fp32 .npy (images, N, d), memory-mapped, plus the per-channel mean and std
-    that normalise the DiT's inputs. Keyed by the tokenizer's weights and the dataset."""
+    caption): fp32 (images, N, d), memory-mapped, and the per-channel mean and std of the latents."""
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     path, stats_path = (os.path.join(run.args.cache_dir, f"latents-{key}{s}") for s in (".npy", "-stats.json"))
     N, d = tok.cfg.num_tokens, tok.cfg.token_dim
@@ -371,9 +366,8 @@ def save_checkpoint(state, path):
 
 
 def read_checkpoint(path, args, device, master, config):
-    """The checkpoint to resume from, once it fits: its stage, a step not past --steps, the model
-    `config` describes (another --model is one line, not a size mismatch per tensor). Warns of other
-    changed flags (--steps and intervals may change freely); cuts the log back to its step."""
+    """The checkpoint to resume from, once it fits: its stage, its step, the model `config` describes
+    (one line, not a size mismatch per tensor). Warns of changed flags; cuts the log to its step."""
     if not os.path.exists(path):
         raise MissingFile(f"{path} not found; nothing to resume (drop --resume or fix --out)")
     ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
@@ -401,8 +395,7 @@ def read_checkpoint(path, args, device, master, config):
 
 
 def plot_log(log_path, png_path):
-    """The loss terms and held-out scores of log.jsonl (the tokenizer's PSNR with its own caption,
-    another's and an empty one: the caption's effect shows as a gap between lines)."""
+    """log.jsonl's loss terms and held-out scores (PSNR with three captions: their gaps are the caption's effect)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -441,13 +434,13 @@ class Run:
     """
     Everything the two stages share, written once. A stage builds its data and networks, then:
 
-        run.start(model, cfg, ...)               # EMA + AdamW, resume, banner, compile + DDP
-        for x, idx, labels in run.batches(data):  # this rank's share of each global batch
-            g = run.draws()                       # the step's randomness, as one rank would draw it
-            loss = ...                            # the stage's own objective, under run.autocast
-            grad_norm = run.optimize(loss)        # lr, backward, clip, step, then the EMA
-            run.end_step(terms, evaluate)         # log; evaluate and checkpoint when due
-        run.finish(...)                           # export the EMA weights, plot the curves
+        run.start(model, cfg, ...)                         # EMA + AdamW, resume, banner, compile + DDP
+        for x, idx, labels in run.batches(data, workers):  # this rank's share of each global batch
+            g = run.draws()                                # the step's randomness, drawn as by one rank
+            loss = ...                                     # the stage's own objective, under run.autocast
+            grad_norm = run.optimize(loss)                 # lr, backward, clip, step, then the EMA
+            run.end_step(terms, evaluate)                  # log; evaluate and checkpoint when due
+        run.finish(...)                                    # export the EMA weights, plot the curves
 
     Saved and averaged is the unwrapped network (`raw`): no `_orig_mod.` or `module.` in its keys.
     """
@@ -464,8 +457,7 @@ class Run:
 
     def start(self, model, cfg, name, summary, shown, parts=None, plain=None):
         """`model` gets its EMA and AdamW; --resume restores them, the stage's other `parts` (name ->
-        module or optimizer), the step and the RNGs. Checkpoints also hold `plain` data. Then the
-        banner, args.json, and the network compiled and DDP-wrapped; `shown`: the bar's terms."""
+        module or optimizer), the step and the RNGs. Then the banner, args.json, compile and DDP."""
         args, device = self.args, self.device
         self.raw = model.to(device)
         self.ema = copy.deepcopy(self.raw).requires_grad_(False).eval()  # what is evaluated and exported
@@ -503,9 +495,8 @@ class Run:
         return compiled, DDP(compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def batches(self, dataset, workers):
-        """This rank's (inputs, indices, labels) batches until end_step has counted --steps: seeded
-        per-epoch shuffles cut into global batches (ShardedSampler), entered at the current step, so
-        step k reads the same images on one rank or eight, fresh or resumed."""
+        """This rank's (inputs, indices, labels) batches until end_step has counted --steps: step k
+        reads the same images on one rank or eight, fresh or resumed (ShardedSampler)."""
         sampler = ShardedSampler(len(dataset), self.B, self.rank, self.world, self.args.seed)
         epoch, pos = divmod(self.step, sampler.steps_per_epoch)
         while self.step < self.args.steps:
@@ -519,9 +510,8 @@ class Run:
             epoch, pos = epoch + 1, 0
 
     def draws(self):
-        """The generator of this step's randomness, seeded by (seed, step). Draw for the *global*
-        batch and keep this rank's rows (mine): one rank or eight, fresh or resumed, a step then
-        sees the same numbers, which makes DDP equal one process and resume exact."""
+        """The generator of this step's randomness, seeded by (seed, step): draw for the *global* batch
+        and keep this rank's rows (mine), and DDP equals one process and resume is exact."""
         return torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.step)
 
     def mine(self, t):
@@ -529,18 +519,16 @@ class Run:
         return t[self.rank * self.B:(self.rank + 1) * self.B].to(self.device)
 
     def optimize(self, loss):
-        """The trained network's step at this step's learning rate, then its EMA; -> the gradient
-        norm (of the unwrapped parameters: DDP has averaged their gradients when backward returns)."""
-        grad_norm = optimizer_step(self.opt, loss, self.params, lr_at(self.step, self.args.lr, self.args),
-                                   self.args.grad_clip)
+        """The trained network's step at this step's learning rate, then its EMA; -> the grad norm."""
+        lr = lr_at(self.step, self.args.lr, self.args)
+        grad_norm = optimizer_step(self.opt, loss, self.params, lr, self.args.grad_clip)  # DDP averaged the grads
         ema_update(self.ema_params, self.params, self.step, self.args.ema_decay)
         return grad_norm
 
     def end_step(self, terms, evaluate):
-        """Counts the step and logs `terms` ({name: scalar tensor}). Rank 0 then evaluates (every
-        --eval-every steps and at the end: `evaluate()` -> (scores, grid path, a line to print))
-        and saves (every --save-every and at the end; a kept copy every --keep-every). The other
-        ranks wait for it at the next step's gradient all-reduce."""
+        """Counts the step and logs `terms` ({name: scalar tensor}); rank 0 evaluates (`evaluate()` ->
+        (scores, grid path, a line to print)) and saves when due, the others wait for it at the next
+        gradient all-reduce."""
         self.step += 1
         self.log(terms)
         if not self.master:
@@ -558,8 +546,7 @@ class Run:
             self.checkpoint(os.path.join(args.out, f"ckpt-{self.step:07d}.pt"))
 
     def log(self, terms):
-        """The loss terms are summed on the device (no host sync per step) and averaged over each
-        --log-every interval and across ranks into a row of log.jsonl and the progress bar."""
+        """Terms summed on the device (no host sync per step), averaged per --log-every and rank."""
         values = torch.stack([v.detach() for v in terms.values()])  # (terms,), still on the device
         self.sums, self.count = values if self.sums is None else self.sums + values, self.count + 1
         if self.step % self.args.log_every and self.step != self.args.steps:
@@ -575,8 +562,7 @@ class Run:
         self.sums, self.count, self.t0 = None, 0, time.time()
 
     def checkpoint(self, path):
-        """What a resumed run needs: the step (the data position follows from it), the RNG states,
-        the flags, each part's state dict and the plain data."""
+        """What a resumed run needs (the data position follows from the step), tensors and plain types."""
         cuda = self.device.type == "cuda"
         save_checkpoint({"step": self.step, "rng_cpu": torch.get_rng_state(),
                          "rng_cuda": torch.cuda.get_rng_state(self.device) if cuda else torch.zeros(0),
@@ -588,8 +574,7 @@ class Run:
         return os.path.join(self.args.out, f"{kind}-{self.step:07d}.png")
 
     def finish(self, folder, export, grid_kind, next_step=None):
-        """Rank 0 exports the EMA weights (`export(<out>/<folder>)`: safetensors, the model to
-        share), plots the curves, and says where everything is."""
+        """Rank 0 exports the EMA weights (`export(<out>/<folder>)`), plots the curves, says where."""
         self.bar.close()
         if not self.master:
             return
@@ -687,10 +672,9 @@ def train_tokenizer(run):
 
 @torch.no_grad()
 def evaluate_tokenizer(run, val_set, val_text, rows_shown=8):
-    """The EMA tokenizer on the held-out images: PSNR/SSIM with each image's own caption, and how
-    much the caption is used (PSNR with the next image's caption and with an empty one; the share
-    of attention the image side gives the caption, per layer). Writes the reconstruction grid of
-    the first `rows_shown` images. Returns (scores, grid path, a line to print)."""
+    """The EMA tokenizer on the held-out images: PSNR/SSIM with each one's caption, and how much the
+    caption is used (PSNR with the next image's caption and an empty one; the attention it gets, per
+    layer); the grid of the first `rows_shown`. -> (scores, grid path, a line to print)."""
     args, device, ema = run.args, run.device, run.ema
     use_text, n = val_text is not None, len(val_set)
     # Which held-out caption row each image decodes with; n is the empty caption (caption_caches).
@@ -804,10 +788,9 @@ def train_dit(run):
 
 @torch.no_grad()
 def evaluate_dit(run, tok, meta, cond, tok_text, val_set, val_text, rows_shown=6, rows_scored=16, k=4):
-    """A grid of held-out conditions: per row the held-out image, then k samples of the EMA DiT
-    (T2I: of its caption; class: of its class, decoded with other held-out captions of it, as
-    sample.py decodes with unseen ones). T2I on built-in captions also scores the prompt adherence
-    of `rows_scored` captions' samples. Returns (scores, grid path, a line to print)."""
+    """Per row a held-out image, then k samples of the EMA DiT: of its caption (T2I), or of its class,
+    decoded with other held-out captions of it, as sample.py does; T2I on built-in captions also
+    scores the adherence of `rows_scored` captions. -> (scores, grid path, a line to print)."""
     args, device = run.args, run.device
     rows, images, prompts, g = [], [], [], torch.Generator().manual_seed(args.seed)  # the same noise every evaluation
     scored = rows_scored if cond == "text" and args.data == "builtin" else rows_shown
