@@ -152,14 +152,15 @@ def render(scene, size: int) -> Image.Image:
 
 def prompt_adherence(images, captions, min_share=0.03):
     """
-    Does each image show what its built-in caption says? The score of text-to-image samples on
-    the built-in shapes (train.py --stage dit logs it, sample.py prints it, eval_fid.py adherence
-    reports it beside real images'). Every pixel is labelled with its nearest named colour (COLORS). The background counts as right when the most common
-    label over the cells the caption leaves empty is the named background colour; an object,
-    when at least `min_share` of the pixels of its named cell (of the 3x3 grid) carry its colour
-    (a small star at 32 px covers about 5% of its cell). An image's score is the share of its
-    checks (background + each object) that pass. Returns (mean score, per-image scores); captions
-    outside the built-in grammar (scene_of) are skipped, with NaN as their score.
+    Does each image show what its built-in caption says? The text-to-image score on the built-in
+    shapes (train.py --stage dit logs it, sample.py prints it, eval_fid.py adherence reports it
+    beside real images'). Every pixel is labelled with its nearest named colour (COLORS). The
+    background counts as right when the most common label over the cells the caption leaves empty
+    is the named background colour; an object, when at least `min_share` of the pixels of its
+    named cell (of the 3x3 grid) carry its colour (a small star at 32 px covers about 5% of its
+    cell). An image's score is the share of its checks (background + each object) that pass.
+    Returns (mean score, per-image scores); captions outside the built-in grammar (scene_of) are
+    skipped, with NaN as their score.
     """
     palette = np.array(list(COLORS.values()), np.float32)  # (12, 3)
     names = list(COLORS)
