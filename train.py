@@ -47,8 +47,8 @@ from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeC
 # shrunk to finish in minutes on a CPU) and the DiT recipe (DiT: AdamW, no weight decay,
 # beta2 0.999, EMA 0.9999; its constant lr 1e-4 at batch 256 is raised here for small batches).
 STAGE_DEFAULTS = {
-    "tokenizer": dict(out="out/textok", steps=700, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=50,
-                      weight_decay=1e-4, beta2=0.99, ema_decay=0.999, eval_every=200, save_every=200),
+    "tokenizer": dict(out="out/textok", steps=1000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=50,
+                      weight_decay=1e-4, beta2=0.99, ema_decay=0.999, eval_every=250, save_every=250),
     "dit": dict(out="out/dit", steps=3000, batch_size=64, lr=5e-4, min_lr=5e-5, warmup_steps=100,
                 weight_decay=0.0, beta2=0.999, ema_decay=0.9999, eval_every=1000, save_every=500),
 }
@@ -67,8 +67,10 @@ def get_args(argv=None):
     # tokenizer (--stage tokenizer)
     p.add_argument("--model", default="TexTok-T", choices=list(TexTok_models))
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--num-tokens", type=int, default=32, help="N latent image tokens")
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--num-tokens", type=int, default=1,
+                   help="N latent image tokens (paper: 32-256 at 256 px). Pixel values per latent number decide how "
+                        "tight the bottleneck is: 1 token at 32 px holds as many per number as the paper's 64 at 256 px")
     p.add_argument("--token-dim", type=int, default=8, help="d channels per token (paper: 8)")
     p.add_argument("--text-in", default="both", choices=TEXT_IN, help="where the caption enters (Table 4d)")
     p.add_argument("--text-mode", default="in-context", choices=TEXT_MODES, help="how it enters (Table 4c)")
@@ -108,7 +110,8 @@ def get_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=None)
     # losses (tokenizer)
     p.add_argument("--l2-weight", type=float, default=1.0)
-    p.add_argument("--lpips-weight", type=float, default=0.1, help="0 trains without LPIPS")
+    p.add_argument("--lpips-weight", type=float, default=0.0,
+                   help="perceptual loss weight (paper, MAGVIT-v2: 0.1); off by default: at 32 px it costs 2/3 of a CPU step")
     p.add_argument("--lpips-weights", default=None, help="local LPIPS weights file (else packaged, else download)")
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--gan-weight", type=float, default=0.1, help="0 trains without the GAN")
@@ -116,7 +119,7 @@ def get_args(argv=None):
     p.add_argument("--lecam-weight", type=float, default=0.001)
     p.add_argument("--disc-start", type=int, default=20000,
                    help="step at which the discriminator starts; late, as in TiTok/MAGVIT recipes: a GAN on "
-                        "blurry reconstructions only adds artifacts (the 700-step default never reaches it)")
+                        "blurry reconstructions only adds artifacts (the 1,000-step default never reaches it)")
     p.add_argument("--disc-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--disc-channel-base", type=int, default=1024, help="16384 gives the paper's ~24M D at 256 px")
     p.add_argument("--disc-channel-max", type=int, default=128, help="512 for the paper's D")

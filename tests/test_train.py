@@ -227,7 +227,7 @@ def test_resume_says_in_one_line_why_a_checkpoint_cannot_be_used(tmp_path):
     (["--lr", "-0.001"], "--lr -0.001: must be positive"),
     (["--beta2", "1"], "--beta2 1.0: must be in [0, 1)"),
     (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr 0.001"),
-    (["--image-size", "30"], "--image-size 30 is not a multiple of --patch-size 4"),
+    (["--image-size", "30"], "--image-size 30 is not a multiple of --patch-size 8"),
     (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite starts it over"),
 ])
 def test_flags_no_run_can_use_are_refused_before_any_work(flags, says, capsys):
