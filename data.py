@@ -162,7 +162,7 @@ def prompt_adherence(images, captions, min_share=0.03):
     beside real images'). Every pixel is labelled with its nearest named colour (COLORS). The
     background counts as right when the most common label over the cells the caption leaves empty
     is the named background colour; an object, when at least `min_share` of the pixels of its
-    named cell (of the 3x3 grid) carry its colour (a small star at 32 px covers about 5% of its
+    named cell (of the 3x3 grid) carry its colour (a small star at 32 px covers about 7% of its
     cell). An image's score is the share of its checks (background + each object) that pass.
     Returns (mean score, per-image scores); captions outside the built-in grammar (scene_of) are
     skipped, with NaN as their score.
