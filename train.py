@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import ShardedSampler, load_splits, prompt_adherence
+from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adherence
 from devices import autocast, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
@@ -218,21 +218,6 @@ def caption_caches(run, train_set, val_set, encoder_name, text_len):
             text_cache(run, val_set.captions + [""], encoder_name, text_len))
 
 
-def fetch_text(cache, idx, device, trim=False):
-    """Rows `idx` of a cache -> (embeddings (B, Nt, Dt) float32, mask (B, Nt) bool), or (None, None)
-    without one. trim=True drops the padding past the longest caption: exact (padded keys are masked
-    out of attention), a third less compute; off under torch.compile, which recompiles per length."""
-    if cache is None:
-        return None, None
-    order = np.asarray(idx)
-    emb, mask = np.ascontiguousarray(cache[0][order]), np.ascontiguousarray(cache[1][order])  # (B, Nt, Dt), (B, Nt)
-    if trim:
-        length = max(1, int(mask.sum(1).max()))
-        emb, mask = emb[:, :length], mask[:, :length]
-    return (torch.from_numpy(emb).to(device, non_blocking=True).float(),
-            torch.from_numpy(mask).to(device, non_blocking=True))
-
-
 @torch.no_grad()
 def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
     """The training set encoded once by the frozen tokenizer (posterior means, each image with its
@@ -262,20 +247,6 @@ def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
     computed_once(run, stats_path, compute)
     with open(stats_path) as f:
         return np.load(path, mmap_mode="r"), json.load(f)
-
-
-class LatentSet(torch.utils.data.Dataset):
-    """The latent cache as a dataset whose item i is (latent tokens (N, d), i, label), the shape
-    of an image dataset's items, so that both stages batch through the same loader."""
-
-    def __init__(self, latents, labels):
-        self.latents, self.labels = latents, labels
-
-    def __len__(self):
-        return len(self.latents)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.latents[i])), i, (-1 if self.labels is None else self.labels[i])
 
 
 #################################################################################
