@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adherence
-from devices import autocast, distributed, mean_across_ranks
+from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
 from files import MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main, write_json
@@ -186,15 +186,6 @@ def build_data(args, image_size, master):
     return train_set, val_set, hflip
 
 
-def computed_once(run, done, compute):
-    """Rank 0 runs compute() unless `done`, a cache's last-written file, exists; the others wait."""
-    if run.rank == 0 and not os.path.exists(done):
-        os.makedirs(run.args.cache_dir, exist_ok=True)
-        compute()
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def text_cache(run, captions, encoder_name, text_len):
     """Caption embeddings by the frozen text encoder (§3.2), computed once (house rule 8): fp16
     .npy, memory-mapped (a dataset larger than RAM works), keyed by encoder, length and captions."""
@@ -208,7 +199,7 @@ def text_cache(run, captions, encoder_name, text_len):
                 with open(tmp, "wb") as f:  # a file, not a name: np.save would add ".npy" to the name
                     np.save(f, arr)
             atomic_write(path, write, shared=True)  # two runs may be filling one cache
-    computed_once(run, mask_path, compute)
+    computed_once(run.rank, mask_path, compute)
     return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
 
 
@@ -244,7 +235,7 @@ def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
         mean = s1 / (len(dataset) * N)
         std = (s2 / (len(dataset) * N) - mean ** 2).clamp_min(1e-12).sqrt()  # (d,): E[z^2] - E[z]^2, never 0
         write_json(stats_path, {"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)})  # last
-    computed_once(run, stats_path, compute)
+    computed_once(run.rank, stats_path, compute)
     with open(stats_path) as f:
         return np.load(path, mmap_mode="r"), json.load(f)
 
