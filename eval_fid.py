@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, load_rgb, prompt_adherence
-from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main, write_json
+from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main, write_arrays, write_json
 from pixels import psnr, ssim, to_uint8, to_unit
 
 #################################################################################
@@ -346,11 +346,7 @@ def save_stats(path, mu, sigma, feats=None):
     arrays = dict(mu=mu, sigma=sigma)
     if feats is not None:
         arrays["features"] = feats.astype(np.float16)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
-            np.savez(f, **arrays)
-    atomic_write(path, write)
+    write_arrays(path, arrays)
 
 
 def clip_score(images, prompts, model_name, batch_size=32, device="cpu"):

@@ -7,10 +7,12 @@ line that names it and the fix. It imports nothing of the project, so any file c
                      flag value: flag_error)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
-    load_checkpoint  a checkpoint train.py wrote, or one line saying what the file is instead
+    save_checkpoint  a checkpoint, atomically; load_checkpoint reads it back, or says in one line
+                     what the file is instead
     load_config      a model's config.json into its config dataclass, or one line naming the file
     load_weights     safetensors weights into a model, or one line naming the first tensor that differs
     file_digest      a file's sha256: which weights a DiT was trained against
+    json_digest      the sha256 of a JSON-able value: the key of a cache built from it
 """
 import errno
 import hashlib
@@ -20,6 +22,7 @@ import pickle
 import sys
 from dataclasses import fields
 
+import numpy as np
 import torch
 
 
@@ -93,6 +96,28 @@ def write_json(path: str, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def write_arrays(path: str, arrays, shared: bool = False) -> None:
+    """numpy arrays, written atomically: one array as .npy (np.save), a dict of them as .npz
+    (np.savez). Written through a file object: given a name, numpy would add its own suffix
+    to the temporary path."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            if isinstance(arrays, dict):
+                np.savez(f, **arrays)
+            else:
+                np.save(f, arrays)
+    atomic_write(path, write, shared)
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Atomic: a crash or a full disk mid-write leaves the previous checkpoint and no temp file.
+    Tensors and plain types only, so torch.load(weights_only=True) reads it (house rule 7)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through a Python file, so that a full disk is an OSError(ENOSPC)
+            torch.save(state, f)
     atomic_write(path, write)
 
 
@@ -187,3 +212,9 @@ def file_digest(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_digest(obj) -> str:
+    """sha256 of a JSON-able value (as json.dumps writes it): a cache built from the value is
+    named by it, so a change to any of its parts (captions, encoder, weights) misses the cache."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()

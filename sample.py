@@ -24,7 +24,7 @@ from tqdm import tqdm
 from data import ShapesDataset, prompt_adherence, read_jsonl
 from devices import autocast, distributed
 from dit import DiT, Diffusion, generate
-from files import MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main
+from files import MissingFile, UserError, file_digest, flag_error, load_checkpoint, run_main, write_arrays
 from pixels import save_grid, to_uint8
 from textok import TexTok, TextEncoder, pretrained_folder
 
@@ -175,11 +175,7 @@ def write_npz(path, parts, every, t2i):
     for r, part in enumerate(parts):
         arr[r::world] = part
     extra = {"prompts": np.array([c[1] for c in every])} if t2i else {"labels": np.array([c[0] for c in every])}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
-            np.savez(f, arr_0=arr, **extra)
-    atomic_write(path, write)
+    write_arrays(path, {"arr_0": arr, **extra})
     print(f"wrote {arr.shape[0]} images {arr.shape[1:]} uint8 to {path}")
 
 

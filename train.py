@@ -17,7 +17,6 @@ What a step does (losses following MAGVIT-v2 [49] and TiTok [50]; the DiT as DiT
 """
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,8 @@ from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adhe
 from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main, write_json
+from files import (MissingFile, UserError, atomic_write, file_digest, flag_error, json_digest, load_checkpoint,
+                   run_main, save_checkpoint, write_arrays, write_json)
 from pixels import psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
@@ -189,16 +189,13 @@ def build_data(args, image_size, master):
 def text_cache(run, captions, encoder_name, text_len):
     """Caption embeddings by the frozen text encoder (§3.2), computed once (house rule 8): fp16
     .npy, memory-mapped (a dataset larger than RAM works), keyed by encoder, length and captions."""
-    key = hashlib.sha256(json.dumps([encoder_name, text_len, captions]).encode()).hexdigest()[:16]
+    key = json_digest([encoder_name, text_len, captions])[:16]
     emb_path, mask_path = (os.path.join(run.args.cache_dir, f"text-{key}-{s}.npy") for s in ("emb", "mask"))
 
     def compute():
         emb, mask = TextEncoder(encoder_name, text_len, run.device).encode_all(captions)  # (n, Nt, Dt) fp16, (n, Nt)
         for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):  # the mask last
-            def write(tmp, arr=arr):
-                with open(tmp, "wb") as f:  # a file, not a name: np.save would add ".npy" to the name
-                    np.save(f, arr)
-            atomic_write(path, write, shared=True)  # two runs may be filling one cache
+            write_arrays(path, arr, shared=True)  # two runs may be filling one cache
     computed_once(run.rank, mask_path, compute)
     return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
 
@@ -213,7 +210,7 @@ def caption_caches(run, train_set, val_set, encoder_name, text_len):
 def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
     """The training set encoded once by the frozen tokenizer (posterior means, each image with its
     caption): fp32 (images, N, d), memory-mapped, and the per-channel mean and std of the latents."""
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    key = json_digest(key_parts)[:16]
     path, stats_path = (os.path.join(run.args.cache_dir, f"latents-{key}{s}") for s in (".npy", "-stats.json"))
     N, d = tok.cfg.num_tokens, tok.cfg.token_dim
     s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)  # sums of z and z^2
@@ -319,15 +316,6 @@ def cut_log(log_path, step):
         with open(tmp, "w") as f:
             f.writelines(keep)
     atomic_write(log_path, write)
-
-
-def save_checkpoint(state, path):
-    """Atomic: a crash or a full disk mid-write leaves the previous checkpoint and no temp file.
-    Tensors and plain types only, so torch.load(weights_only=True) reads it (house rule 7)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:  # through a Python file, so that a full disk is an OSError(ENOSPC)
-            torch.save(state, f)
-    atomic_write(path, write)
 
 
 def read_checkpoint(path, args, device, master, config):
@@ -711,8 +699,7 @@ def train_dit(run):
         train_text, val_text = caption_caches(run, train_set, val_set, encoder_name, tcfg.text_len)
 
     # ---- the latent tokens of every training image, encoded once (house rule 8) ----
-    data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set),
-                hashlib.sha256(json.dumps(train_set.captions).encode()).hexdigest()]
+    data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set), json_digest(train_set.captions)]
     tok_digest = file_digest(tok_weights)  # keys the latent cache; sample.py checks it against the tokenizer it gets
     latents, stats = latent_cache(run, tok, train_set, train_text if tok_text else None, [tok_digest, data_key])
     mean, std = (torch.tensor(stats[k], device=device).float() for k in ("mean", "std"))  # (d,) each
