@@ -7,6 +7,7 @@ line that names it and the fix. It imports nothing of the project, so any file c
                      flag value: flag_error)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
+    append_jsonl     a row at the end of a log; truncate_log cuts a log back to a checkpoint's step
     save_checkpoint  a checkpoint, atomically; load_checkpoint reads it back, or says in one line
                      what the file is instead
     load_config      a model's config.json into its config dataclass, or one line naming the file
@@ -97,6 +98,38 @@ def write_json(path: str, obj) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
     atomic_write(path, write)
+
+
+def write_jsonl(path: str, rows) -> None:
+    """A JSON-lines file, one object per line, written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    atomic_write(path, write)
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    """One object as the last line of a JSON-lines log. Appended, not rewritten: a kill can cut
+    off only this line, and truncate_log drops such a line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Drops the rows of a JSON-lines log whose "step" is past `step`, and a last line cut off by a
+    kill: a resumed run replays the steps after its checkpoint and logs them again."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                if row["step"] <= step:
+                    keep.append(row)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    write_jsonl(path, keep)  # json.dumps of a parsed json.dumps line is that line again
 
 
 def write_arrays(path: str, arrays, shared: bool = False) -> None:

@@ -33,8 +33,8 @@ from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adhe
 from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import (MissingFile, UserError, atomic_write, file_digest, flag_error, json_digest, load_checkpoint,
-                   run_main, save_checkpoint, write_arrays, write_json)
+from files import (MissingFile, UserError, append_jsonl, atomic_write, file_digest, flag_error, json_digest,
+                   load_checkpoint, run_main, save_checkpoint, truncate_log, write_arrays, write_json)
 from pixels import psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
@@ -298,26 +298,6 @@ def claim_out(args, master):
         os.remove(log_path)
 
 
-def cut_log(log_path, step):
-    """Drops the rows of log.jsonl past `step`: a resumed run replays the steps after its checkpoint
-    and logs them again. A last line cut off by a kill is dropped too."""
-    if not os.path.isfile(log_path):
-        return
-    keep = []
-    with open(log_path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-    atomic_write(log_path, write)
-
-
 def read_checkpoint(path, args, device, master, config):
     """The checkpoint to resume from, once it fits: its stage, its step, the model `config` describes
     (one line, not a size mismatch per tensor). Warns of changed flags; cuts the log to its step."""
@@ -343,7 +323,7 @@ def read_checkpoint(path, args, device, master, config):
     if changed and master:
         print(f"warning: resuming {path} with changed flags (saved, now): {changed}")
     if master:
-        cut_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
+        truncate_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
     return ckpt
 
 
@@ -491,8 +471,7 @@ class Run:
         if self.step % args.eval_every == 0 or last:
             scores, grid, line = evaluate()
             self.bar.write(f"step {self.step}: {line}")
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"step": self.step, "eval": scores, "grid": grid}) + "\n")
+            append_jsonl(self.log_path, {"step": self.step, "eval": scores, "grid": grid})
         if self.step % args.save_every == 0 or last:
             self.checkpoint(self.ckpt_path)
         if args.keep_every and self.step % args.keep_every == 0:
@@ -510,8 +489,7 @@ class Run:
                "lr": lr_at(self.step - 1, self.args.lr, self.args), "img_per_s": rate}
         if self.master:
             self.bar.set_postfix(**{k: f"{row[k]:.4f}" for k in self.shown}, img_s=rate)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(self.log_path, row)
         self.sums, self.count, self.t0 = None, 0, time.time()
 
     def checkpoint(self, path):
