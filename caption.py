@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
 from devices import distributed
-from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main
+from files import MissingFile, UserError, first_line, flag_error, run_main, write_jsonl
 
 # What a chat VLM is asked. The paper's captions (Gemini 1.5 Flash, §4.1) are "detailed", up to 75
 # words; more descriptive captions reconstruct better (Table 4a), so the prompt asks for the
@@ -58,22 +58,26 @@ def find_images(root):
     return files, folder_labels(files) or [None] * len(files)
 
 
-def read_done(path):
-    """Files already captioned in `path`. A last line cut off by a kill (no newline, or not
-    JSON) is dropped from the file; complete lines are never touched."""
-    done = set()
+def read_rows(path):
+    """The rows of a caption file this script wrote (none if there is no file yet). A last line
+    cut off by a kill (no newline) is first dropped from the file; complete lines are never
+    touched. A line that does not read (data.read_jsonl) or names no file is one line, path:line."""
     if not os.path.exists(path):
-        return done
+        return []
     with open(path, "rb") as f:
         data = f.read()
     keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
-    for line in data[:keep].splitlines():
-        if line.strip():
-            done.add(json.loads(line)["file"])
     if keep < len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)
-    return done
+    rows = []
+    for n, r, problem in read_jsonl(path):
+        if problem is None and not isinstance(r.get("file"), str):
+            problem = f"{path}:{n}: no 'file'"
+        if problem is not None:
+            raise UserError(f"{problem}; fix or delete that line (an image without a line is captioned again)")
+        rows.append(r)
+    return rows
 
 
 def merge(out, parts):
@@ -81,23 +85,10 @@ def merge(out, parts):
     sorted by file, each image once; atomic."""
     rows = {}
     for p in [out, *parts]:
-        if os.path.exists(p):
-            read_done(p)  # drops a partial last line
-            with open(p) as f:
-                for line in f:
-                    if line.strip():
-                        r = json.loads(line)
-                        rows.setdefault(r["file"], r)
+        for r in read_rows(p):
+            rows.setdefault(r["file"], r)
     write_jsonl(out, [rows[k] for k in sorted(rows)])
     return len(rows)
-
-
-def write_jsonl(path, rows):
-    """A JSON-lines file, one object per line, written atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    atomic_write(path, write)
 
 
 def truncate_words(text, n):
@@ -187,7 +178,7 @@ class Captioner:
 
 def caption_folder(args, rank=0, world=1, device=None):
     """Captions this process's share of --data (--shard i/n, else its torchrun rank's) into its
-    own file, appended batch by batch: a rerun skips what is already there (read_done), and an
+    own file, appended batch by batch: a rerun skips what is already there (read_rows), and an
     unreadable image is skipped and counted, never fatal. -> (the file, images skipped)."""
     files, labels = find_images(args.data)
     if args.shard:
@@ -198,7 +189,7 @@ def caption_folder(args, rank=0, world=1, device=None):
         i, n = rank, world
     path = args.out if n == 1 else f"{args.out}.shard-{i}-of-{n}"  # one writer per file
     mine = list(range(len(files)))[i::n]  # every n-th image: shards of nearly equal size
-    done = read_done(path)
+    done = {r["file"] for r in read_rows(path)}
     todo = [k for k in mine if files[k] not in done]
     captioner = Captioner(args.model, args.max_words, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bad = []
