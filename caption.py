@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
 from devices import distributed
-from files import MissingFile, UserError, first_line, flag_error, run_main, write_jsonl
+from files import MissingFile, UserError, check_ranges, first_line, flag_error, run_main, write_jsonl
 
 # What a chat VLM is asked. The paper's captions (Gemini 1.5 Flash, §4.1) are "detailed", up to 75
 # words; more descriptive captions reconstruct better (Table 4a), so the prompt asks for the
@@ -262,9 +262,7 @@ def get_args(argv=None):
     p.add_argument("--fraction", type=float, default=0.02, help="share of each class's captions to hold out")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for k in ("max_words", "batch_size"):
-        if getattr(args, k) < 1:
-            flag_error(p, f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    check_ranges(p, args, at_least_1=("max_words", "batch_size"))
     if not 0 < args.fraction < 1:
         flag_error(p, f"--fraction {args.fraction}: must be between 0 and 1")
     return args

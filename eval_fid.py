@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, load_rgb, prompt_adherence
-from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main, write_arrays, write_json
+from files import MissingFile, UserError, atomic_write, check_ranges, first_line, run_main, write_arrays, write_json
 from pixels import psnr, ssim, to_uint8, to_unit
 
 #################################################################################
@@ -519,10 +519,7 @@ def get_args(argv=None):
     r.add_argument("--empty-captions", action="store_true", help="also evaluate with empty captions")
     r.add_argument("--no-lpips", action="store_true")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        flag_error(p, f"--batch-size {args.batch_size}: must be at least 1")
-    if getattr(args, "k", 1) < 1:
-        flag_error(p, f"--k {args.k}: must be at least 1")
+    check_ranges(p, args, at_least_1=("batch_size", "k") if args.command == "gen" else ("batch_size",))
     return args
 
 

@@ -4,7 +4,7 @@ line that names it and the fix. It imports nothing of the project, so any file c
 
     UserError        a problem with what the user gave (a flag, a file); the scripts print its
                      message as one line, `error: ...`, and exit with status 2 (run_main; a bad
-                     flag value: flag_error)
+                     flag value: flag_error, and check_ranges for the usual ranges)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
     append_jsonl     a row at the end of a log; truncate_log cuts a log back to a checkpoint's step
@@ -55,6 +55,26 @@ def flag_error(parser, message: str):
     """Exits as parser.error does (status 2), with the one line only: argparse's usage dump above
     it would bury it."""
     parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def flag_text(args, name: str) -> str:
+    """'--batch-size 0': how an error names a flag (args' attribute `name`) and its value."""
+    return f"--{name.replace('_', '-')} {getattr(args, name)}"
+
+
+def check_ranges(parser, args, at_least_1=(), not_negative=(), positive=(), below_1=()):
+    """Refuses (flag_error) the first of the named flags whose value no run can use: counts and
+    sizes below 1, weights and step numbers below 0, rates of 0 or less (None, "the default",
+    passes), betas and decays outside [0, 1). Every script checks its flags here, before any
+    work, so the same mistake reads the same in each."""
+    rules = ((at_least_1, lambda v: v < 1, "must be at least 1"),
+             (not_negative, lambda v: v < 0, "must not be negative"),
+             (positive, lambda v: v is not None and v <= 0, "must be positive"),
+             (below_1, lambda v: not 0 <= v < 1, "must be in [0, 1)"))
+    for names, bad, rule in rules:
+        for name in names:
+            if bad(getattr(args, name)):
+                flag_error(parser, f"{flag_text(args, name)}: {rule}")
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:

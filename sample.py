@@ -24,7 +24,7 @@ from tqdm import tqdm
 from data import ShapesDataset, prompt_adherence, read_jsonl
 from devices import autocast, distributed
 from dit import DiT, Diffusion, generate
-from files import MissingFile, UserError, file_digest, flag_error, load_checkpoint, run_main, write_arrays
+from files import MissingFile, UserError, check_ranges, file_digest, flag_error, load_checkpoint, run_main, write_arrays
 from pixels import save_grid, to_uint8
 from textok import TexTok, TextEncoder, pretrained_folder
 
@@ -124,9 +124,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not 1 <= args.steps <= Diffusion().T:
         flag_error(p, f"--steps {args.steps}: must be in 1..{Diffusion().T} (the diffusion's steps)")
-    for k in ("per_row", "batch_size"):
-        if getattr(args, k) < 1:
-            flag_error(p, f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    check_ranges(p, args, at_least_1=("per_row", "batch_size"))
     return args
 
 

@@ -33,8 +33,9 @@ from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adhe
 from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import (MissingFile, UserError, append_jsonl, atomic_write, file_digest, flag_error, json_digest,
-                   load_checkpoint, run_main, save_checkpoint, truncate_log, write_arrays, write_json)
+from files import (MissingFile, UserError, append_jsonl, atomic_write, check_ranges, file_digest, flag_error,
+                   flag_text, json_digest, load_checkpoint, run_main, save_checkpoint, truncate_log, write_arrays,
+                   write_json)
 from pixels import psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
@@ -143,23 +144,15 @@ def get_args(argv=None):
 def check_args(p, args):
     """Values no run can use are refused here, before any data is read: one line naming the flag."""
     error = lambda message: flag_error(p, message)
-    flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"
+    flag = lambda k: flag_text(args, k)
     if args.resume and args.overwrite:
         error("--resume continues the run in --out, --overwrite starts it over: pass one of them")
-    for k in ("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps", "batch_size",
-              "num_images", "val_images", "log_every", "eval_every", "save_every", "sample_steps"):
-        if getattr(args, k) < 1:
-            error(f"{flag(k)}: must be at least 1")
-    for k in ("warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr", "weight_decay", "l2_weight",
-              "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"):
-        if getattr(args, k) < 0:
-            error(f"{flag(k)}: must not be negative")
-    for k in ("lr", "disc_lr", "grad_clip"):
-        if getattr(args, k) is not None and getattr(args, k) <= 0:
-            error(f"{flag(k)}: must be positive")
-    for k in ("beta1", "beta2", "ema_decay"):
-        if not 0 <= getattr(args, k) < 1:
-            error(f"{flag(k)}: must be in [0, 1)")
+    check_ranges(p, args, at_least_1=("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps",
+                                      "batch_size", "num_images", "val_images", "log_every", "eval_every",
+                                      "save_every", "sample_steps"),
+                 not_negative=("warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr", "weight_decay",
+                               "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
+                 positive=("lr", "disc_lr", "grad_clip"), below_1=("beta1", "beta2", "ema_decay"))
     if args.min_lr > args.lr:
         error(f"{flag('min_lr')} is above {flag('lr')}: the schedule decays from --lr to --min-lr")
     if args.sample_steps > Diffusion().T:
