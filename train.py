@@ -36,7 +36,7 @@ from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
 from files import (MissingFile, UserError, append_jsonl, atomic_write, check_ranges, file_digest, flag_error,
                    flag_text, json_digest, load_checkpoint, run_main, save_checkpoint, truncate_log, write_arrays,
                    write_json)
-from pixels import psnr, save_grid, ssim, to_uint8
+from pixels import plot_log, psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
 
@@ -273,7 +273,7 @@ def ema_update(ema_params, params, step, decay):
 
 
 #################################################################################
-#                      The run folder: checkpoints, log, curves                 #
+#                 The run folder: claimed, checkpointed, resumed                #
 #################################################################################
 
 RUN_FILES = ("ckpt-latest.pt", "tokenizer", "dit")  # what a run leaves in its --out
@@ -318,38 +318,6 @@ def read_checkpoint(path, args, device, master, config):
     if master:
         truncate_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
     return ckpt
-
-
-def plot_log(log_path, png_path):
-    """log.jsonl's loss terms and held-out scores (PSNR with three captions: their gaps are the caption's effect)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    rows = {}
-    with open(log_path) as f:
-        for line in f:  # one row per (step, kind); should a step appear twice, the last counts
-            r = json.loads(line)
-            rows[(r["step"], "eval" in r)] = r
-    train_rows = [r for (_, is_eval), r in sorted(rows.items()) if not is_eval]
-    evals = [{**r["eval"], "step": r["step"]} for (_, is_eval), r in sorted(rows.items()) if is_eval]
-    losses = [k for k in ("loss", "l2", "lpips", "g_adv", "d") if any(r.get(k) for r in train_rows)]
-    scores = [k for k in ("psnr", "psnr_other", "psnr_empty", "adherence") if any(k in r for r in evals)]
-    panels = [("loss", train_rows, losses)] + ([("held-out", evals, scores)] if scores else [])
-    names = {"psnr": "PSNR, own caption", "psnr_other": "PSNR, another image's caption",
-             "psnr_empty": "PSNR, empty caption", "adherence": "prompt adherence"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
-    for ax, (title, src, keys) in zip(axes[0], panels):
-        for k in keys:
-            ax.plot([r["step"] for r in src if k in r], [r[k] for r in src if k in r],
-                    marker="" if title == "loss" else "o", label=names.get(k, k))
-        if title == "loss":
-            ax.set_yscale("log")  # the terms span orders of magnitude
-        ax.set(xlabel="step", title=title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 #################################################################################
