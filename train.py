@@ -160,8 +160,14 @@ def check_args(p, args):
     if args.stage == "tokenizer":
         if args.image_size % args.patch_size:
             error(f"{flag('image_size')} is not a multiple of {flag('patch_size')}")
-        if args.image_size < 8 or args.image_size & (args.image_size - 1):
+        if builds_discriminator(args) and (args.image_size < 8 or args.image_size & (args.image_size - 1)):
             error(f"{flag('image_size')}: the discriminator needs a power of two, at least 8")
+
+
+def builds_discriminator(args):
+    """Whether a tokenizer run builds the GAN's discriminator (with its optimizer and LeCAM anchors):
+    only a run that reaches --disc-start does."""
+    return args.gan_weight > 0 and args.disc_start < args.steps
 
 
 #################################################################################
@@ -503,9 +509,7 @@ def train_tokenizer(run):
                       text_encoder=args.text_encoder if use_text else "", init=args.init)
     torch.manual_seed(args.seed + run.rank)  # the inits, whether or not the caches were just computed
     model = TexTok(cfg)
-    # The discriminator, its optimizer and the LeCAM anchors exist only in a run that reaches
-    # --disc-start (late, as in TiTok/MAGVIT: a GAN on blurry reconstructions only adds artifacts).
-    gan = args.gan_weight > 0 and args.disc_start < args.steps
+    gan = builds_discriminator(args)
     parts, about_disc = {}, "no discriminator (--gan-weight 0, or --disc-start past --steps)"
     if gan:
         disc = Discriminator(args.image_size, args.disc_channel_base, args.disc_channel_max).to(device)
