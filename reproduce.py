@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
-from files import UserError, run_main, write_json
+from files import UserError, atomic_write, run_main, write_json
 
 VARIANTS = ("none", "tokenizer", "detokenizer", "both")  # Table 4d's rows, in its order
 METRICS = ("psnr", "ssim", "lpips", "rfid")
@@ -308,13 +308,12 @@ def figure(args, seed, path, count=6):
                 text, mask = encoders.setdefault(key, TextEncoder(*key))(captions)
             cols.append(tok(x, text, mask, sample=False)[0].clamp(-1, 1))
             titles.append(f"{'base' if v == 'none' else 'TexTok'} {n}")
-    save_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles)
-    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-        f.write("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
+    save_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles, captions)
 
 
 def update_readme(md, path="README.md"):
-    """Replaces the README's block between the reproduce markers with the fresh table."""
+    """Replaces the README's block between the reproduce markers with the fresh table, atomically:
+    a crash mid-write leaves the previous README, never a truncated one."""
     begin, end = "<!-- reproduce.py table: begin -->", "<!-- reproduce.py table: end -->"
     if not os.path.isfile(path):
         return
@@ -322,8 +321,11 @@ def update_readme(md, path="README.md"):
         text = f.read()
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        with open(path, "w") as f:
-            f.write(head + begin + "\n" + md + end + rest.split(end, 1)[1])
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(head + begin + "\n" + md + end + rest.split(end, 1)[1])
+        atomic_write(path, write)
 
 
 def report(args, runs, command):
