@@ -14,6 +14,16 @@ What a step does (losses following MAGVIT-v2 [49] and TiTok [50]; the DiT as DiT
                discriminator loss = hinge(real, fake) + LeCAM(real, fake)
     dit        cached latent tokens of the frozen tokenizer, noised at a random timestep -> the
                DiT predicts the noise (DDPM's epsilon loss), given a class or the caption
+
+Where the recipe comes from: TexTok is Zha et al., "Language-Guided Image Tokenization for
+Generation" (CVPR 2025; §, Table and Fig. numbers are its); [49] MAGVIT-v2 (Yu et al., ICLR 2024)
+and [50] TiTok (Yu et al., NeurIPS 2024) give the tokenizer's losses, discriminator and schedule;
+DiT (Peebles & Xie, ICCV 2023) and DDPM (Ho et al. 2020) the generation stage; nanoGPT the AdamW
+groups and the cosine schedule; ADM (Dhariwal & Nichol 2021) the flips and the sample .npz.
+
+Read it top to bottom: the flags; the data and the frozen features computed from it once; the
+optimisation recipe; the run folder; Run, the machinery both stages share; then each stage as one
+story (data, networks, the loop) with its evaluation.
 """
 import argparse
 import copy
@@ -61,17 +71,15 @@ def get_args(argv=None):
     p.add_argument("--stage", default="tokenizer", choices=list(STAGE_DEFAULTS), help="what to train")
     p.add_argument("--out", default=None, help="folder for checkpoints, grids and the log (out/textok, out/dit)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt-latest.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run in an --out that holds one: its log starts over, its checkpoint and "
-                        "exported model are replaced as the new run saves (without it, such an --out is refused)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (else refused): "
+                   "a new log; its checkpoint and exported model are replaced as the new run saves")
     p.add_argument("--seed", type=int, default=0)
     # tokenizer (--stage tokenizer)
     p.add_argument("--model", default="TexTok-T", choices=list(TexTok_models))
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--num-tokens", type=int, default=1,
-                   help="N latent image tokens (paper: 32-256 at 256 px). Pixel values per latent number decide how "
-                        "tight the bottleneck is: 1 token at 32 px holds as many per number as the paper's 64 at 256 px")
+    p.add_argument("--num-tokens", type=int, default=1, help="N latent image tokens (paper: 32-256 at 256 px); 1 at "
+                   "32 px has as many pixel values per latent number (the bottleneck) as the paper's 64 at 256 px")
     p.add_argument("--token-dim", type=int, default=8, help="d channels per token (paper: 8)")
     p.add_argument("--text-in", default="both", choices=TEXT_IN, help="where the caption enters (Table 4d)")
     p.add_argument("--text-mode", default="in-context", choices=TEXT_MODES, help="how it enters (Table 4c)")
@@ -118,17 +126,15 @@ def get_args(argv=None):
     p.add_argument("--gan-weight", type=float, default=0.1, help="0 trains without the GAN")
     p.add_argument("--gan-loss", default="hinge", choices=["hinge", "non-saturating"])
     p.add_argument("--lecam-weight", type=float, default=0.001)
-    p.add_argument("--disc-start", type=int, default=20000,
-                   help="step at which the discriminator starts; late, as in TiTok/MAGVIT recipes: a GAN on "
-                        "blurry reconstructions only adds artifacts (the 1,000-step default never reaches it)")
+    p.add_argument("--disc-start", type=int, default=20000, help="the discriminator's first step: late, as in TiTok/"
+                   "MAGVIT (a GAN on blurry reconstructions adds artifacts); the 1,000-step default never reaches it")
     p.add_argument("--disc-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--disc-channel-base", type=int, default=1024, help="16384 gives the paper's ~24M D at 256 px")
     p.add_argument("--disc-channel-max", type=int, default=128, help="512 for the paper's D")
     # systems
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                   help="autocast to bf16 or plain fp32 (default: bf16 on CUDA, fp32 on the CPU; bf16 on the CPU "
-                        "runs the GPU's mixed-precision code path, as the tests do)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="bf16 autocast or plain fp32 (default: "
+                   "bf16 on CUDA, fp32 on the CPU; bf16 on the CPU runs the GPU's mixed-precision path, as tests do)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=None, help="held-out metrics and image grids")
     p.add_argument("--save-every", type=int, default=None, help="overwrite ckpt-latest.pt")
@@ -158,6 +164,7 @@ def check_args(p, args):
     if args.sample_steps > Diffusion().T:
         error(f"{flag('sample_steps')}: the diffusion has {Diffusion().T} steps")
     if args.stage == "tokenizer":
+        # The ViT cuts the image into whole patches; the StyleGAN2 discriminator halves it down to 4 x 4.
         if args.image_size % args.patch_size:
             error(f"{flag('image_size')} is not a multiple of {flag('patch_size')}")
         if builds_discriminator(args) and (args.image_size < 8 or args.image_size & (args.image_size - 1)):
@@ -192,6 +199,9 @@ def text_cache(run, captions, encoder_name, text_len):
     emb_path, mask_path = (os.path.join(run.args.cache_dir, f"text-{key}-{s}.npy") for s in ("emb", "mask"))
 
     def compute():
+        # fp16 halves the cache (T5-XL on ImageNet: 1.28M x 128 x 2048 values, 670 GB in fp16), hence the
+        # memory map; fetch_text casts each batch to fp32. The mask goes last: it is the file computed_once
+        # checks, so a cache cut off mid-write is computed again, never read half-written.
         emb, mask = TextEncoder(encoder_name, text_len, run.device).encode_all(captions)  # (n, Nt, Dt) fp16, (n, Nt)
         for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):  # the mask last
             write_arrays(path, arr, shared=True)  # two runs may be filling one cache
@@ -201,6 +211,7 @@ def text_cache(run, captions, encoder_name, text_len):
 
 def caption_caches(run, train_set, val_set, encoder_name, text_len):
     """(training cache, held-out cache); the held-out one ends with the empty caption (row len(val_set))."""
+    # The empty caption is there for evaluate_tokenizer: decoding with it shows how much the caption is used.
     return (text_cache(run, train_set.captions, encoder_name, text_len),
             text_cache(run, val_set.captions + [""], encoder_name, text_len))
 
@@ -209,6 +220,8 @@ def caption_caches(run, train_set, val_set, encoder_name, text_len):
 def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
     """The training set encoded once by the frozen tokenizer (posterior means, each image with its
     caption): fp32 (images, N, d), memory-mapped, and the per-channel mean and std of the latents."""
+    # Posterior means: DiT's own loop samples its VAE's posterior afresh each step, but a cache written
+    # once would freeze a single draw of that noise, so the deterministic mean is stored instead.
     key = json_digest(key_parts)[:16]
     path, stats_path = (os.path.join(run.args.cache_dir, f"latents-{key}{s}") for s in (".npy", "-stats.json"))
     N, d = tok.cfg.num_tokens, tok.cfg.token_dim
@@ -228,6 +241,8 @@ def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
 
     def compute():
         atomic_write(path, encode_into, shared=True)
+        # The DiT sees latents scaled to unit variance per channel, the scale DDPM's noise schedule
+        # assumes: what LDM's and DiT's constant 0.18215 does for SD-VAE latents, measured here.
         mean = s1 / (len(dataset) * N)
         std = (s2 / (len(dataset) * N) - mean ** 2).clamp_min(1e-12).sqrt()  # (d,): E[z^2] - E[z]^2, never 0
         write_json(stats_path, {"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)})  # last
@@ -274,6 +289,7 @@ def optimizer_step(opt, loss, params, lr, clip):
 def ema_update(ema_params, params, step, decay):
     """EMA of the weights, with the warm-up of TensorFlow's ExponentialMovingAverage(num_updates):
     early on the average forgets faster, so a short run's EMA is not dominated by the init."""
+    # lerp_(ema, p, w) is ema += w (p - ema), i.e. ema = (1 - w) ema + w p, for every tensor in one call.
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
 
@@ -316,6 +332,7 @@ def read_checkpoint(path, args, device, master, config):
         raise UserError(f"{path} holds a model with {saved}, but these flags build one with {now}; resume "
                         f"with the flags it was trained with (see {os.path.join(args.out, 'args.json')}), or "
                         f"start over with --overwrite or another --out")
+    # Flags a resume may change without changing what is trained: the budget, the cadence, the workers.
     free = ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")
     changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
                and k not in free}
@@ -528,6 +545,8 @@ def train_tokenizer(run):
     for x, idx, lab in run.batches(train_set, args.num_workers):
         x, lab = x.to(device, non_blocking=True), lab.to(device, non_blocking=True)  # (B, 3, H, W), (B,)
         text, mask = fetch_text(train_text, idx, device, trim=not run.compile)  # (B, Nt, Dt), (B, Nt) or None
+        # Each draw is made for the global batch and sliced to this rank (run.mine), and the flips are
+        # drawn even with --no-hflip: step k draws the same numbers on any number of ranks, with any flags.
         g = run.draws()
         noise = run.mine(torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g))  # (B, N, d)
         flip = run.mine(torch.rand(args.batch_size, generator=g)) < 0.5  # (B,)
@@ -536,6 +555,7 @@ def train_tokenizer(run):
         adversarial = gan and run.step >= args.disc_start
 
         # -- the tokenizer's step: reconstruct through the posterior sample (noise fixes it) --
+        # TexTok §3.2 after MAGVIT-v2: L2 + LPIPS + a KL that only keeps the latent near N(0, I), + GAN once D starts.
         with run.autocast:
             recon, post = run.model(x, text, mask, lab, noise=noise)  # (B, 3, H, W), Posterior of (B, N, d)
             loss_lpips = lpips(recon, x).mean() if lpips is not None else zero
@@ -551,6 +571,7 @@ def train_tokenizer(run):
         grad_norm = run.optimize(loss)
 
         # -- the discriminator's step: real and fake in one batch, so one DDP forward/backward --
+        # LeCAM (Tseng et al. 2021) ties D's logits to moving averages, so D overfits less to data seen every epoch.
         loss_d = loss_lecam = zero
         if adversarial:
             with run.autocast:
@@ -573,6 +594,8 @@ def evaluate_tokenizer(run, val_set, val_text, rows_shown=8):
     layer); the grid of the first `rows_shown`. -> (scores, grid path, a line to print)."""
     args, device, ema = run.args, run.device, run.ema
     use_text, n = val_text is not None, len(val_set)
+    # The gap between PSNR with its own caption and with another or an empty one is what the caption
+    # contributes: the paper's premise is that it carries the semantics the N tokens then need not.
     # Which held-out caption row each image decodes with; n is the empty caption (caption_caches).
     captions = {"own": None, "other": lambda idx: [(i + 1) % n for i in idx], "empty": lambda idx: [n] * len(idx)}
     titles = {"own": "recon", "other": "next row's caption", "empty": "empty caption"}
@@ -642,12 +665,15 @@ def train_dit(run):
         train_text, val_text = caption_caches(run, train_set, val_set, encoder_name, tcfg.text_len)
 
     # ---- the latent tokens of every training image, encoded once (house rule 8) ----
+    # Keyed by the tokenizer's weights and the exact training set: a retrained tokenizer, or other
+    # data, never reads another's latents.
     data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set), json_digest(train_set.captions)]
     tok_digest = file_digest(tok_weights)  # keys the latent cache; sample.py checks it against the tokenizer it gets
     latents, stats = latent_cache(run, tok, train_set, train_text if tok_text else None, [tok_digest, data_key])
     mean, std = (torch.tensor(stats[k], device=device).float() for k in ("mean", "std"))  # (d,) each
 
     # ---- the DiT (Run adds its EMA and AdamW), and what it cannot be used without ----
+    # `meta` goes into the checkpoint and the exported folder: sample.py needs nothing else to generate.
     cfg = make_dit_config(args.dit_model, num_tokens=tcfg.num_tokens, token_dim=tcfg.token_dim, cond=cond,
                           num_classes=max(labels) + 1 if labels is not None else 1,
                           text_dim=train_text[0].shape[-1] if train_text is not None else 0, text_len=tcfg.text_len)
@@ -666,6 +692,8 @@ def train_dit(run):
         g = run.draws()  # t, eps and the condition dropout, as the tokenizer stage draws its noise
         t = run.mine(torch.randint(0, diffusion.T, (args.batch_size,), generator=g))  # (B,)
         noise = run.mine(torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g))  # (B, N, d)
+        # Classifier-free guidance (Ho & Salimans 2022), as DiT trains it: a tenth of the conditions is
+        # dropped to the null one, so the same network also learns the unconditional noise.
         drop = run.mine(torch.rand(args.batch_size, generator=g)) < cfg.dropout_prob  # (B,) for the guidance
         if cond == "class":
             kw = dict(y=y.to(device))  # (B,)
@@ -723,6 +751,7 @@ def main(argv=None):
     """`python train.py FLAGS` and each torchrun rank run this; reproduce.py calls it in-process."""
     args = get_args(argv)
     with distributed() as (rank, world, device):
+        # --batch-size is the global batch, as the paper's recipes state it; each rank takes an equal share.
         if args.batch_size % world:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # house rule 6
