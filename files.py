@@ -14,6 +14,8 @@ line that names it and the fix. It imports nothing of the project, so any file c
     load_weights     safetensors weights into a model, or one line naming the first tensor that differs
     file_digest      a file's sha256: which weights a DiT was trained against
     json_digest      the sha256 of a JSON-able value: the key of a cache built from it
+    claim_out        train.py's --out: a run in it is never replaced without --resume or --overwrite
+    read_checkpoint  the checkpoint --resume continues, once it fits the flags, or one line saying why not
 """
 import errno
 import hashlib
@@ -271,3 +273,52 @@ def json_digest(obj) -> str:
     """sha256 of a JSON-able value (as json.dumps writes it): a cache built from the value is
     named by it, so a change to any of its parts (captions, encoder, weights) misses the cache."""
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+#################################################################################
+#          A training run's folder: never replaced, resumed if it fits          #
+#################################################################################
+# train.py's --out and its flags (--resume, --overwrite, --stage, --steps): what the user gave is
+# checked here, as the other files are, so train.py reads as training only.
+
+RUN_FILES = ("ckpt-latest.pt", "tokenizer", "dit")  # what a run leaves in its --out
+
+
+def claim_out(args, master: bool) -> None:
+    """A fresh run never replaces one silently: an --out that holds a run needs --resume (continue
+    it) or --overwrite (start it over, with a new log)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if found and not (args.resume or args.overwrite):
+        raise UserError(f"{args.out} already holds a run ({os.path.join(args.out, found[0])}); pass --resume to "
+                        f"continue it, --overwrite to start it over, or another --out")
+    log_path = os.path.join(args.out, "log.jsonl")
+    if args.overwrite and master and os.path.exists(log_path):
+        os.remove(log_path)
+
+
+def read_checkpoint(path: str, args, device, master: bool, config: dict) -> dict:
+    """The checkpoint to resume from, once it fits: its stage, its step, the model `config` describes
+    (one line, not a size mismatch per tensor). Warns of changed flags; cuts the log to its step."""
+    ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
+                           fix="nothing to resume: drop --resume (adding --overwrite to start over in this --out), "
+                               "or fix --out")
+    if ckpt["args"].get("stage", "tokenizer") != args.stage:
+        raise UserError(f"{path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
+    if ckpt["step"] > args.steps:
+        raise UserError(f"{path} is at step {ckpt['step']}, past --steps {args.steps}; pass --steps "
+                        f"{ckpt['step']} or more to resume it")
+    differ = [k for k in config if ckpt["config"].get(k) != config[k]]
+    if differ:
+        saved = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
+        now = ", ".join(f"{k}={config[k]!r}" for k in differ)
+        raise UserError(f"{path} holds a model with {saved}, but these flags build one with {now}; resume "
+                        f"with the flags it was trained with (see {os.path.join(args.out, 'args.json')}), or "
+                        f"start over with --overwrite or another --out")
+    # Flags a resume may change without changing what is trained: the budget, the cadence, the workers.
+    free = ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")
+    changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
+               and k not in free}
+    if changed and master:
+        print(f"warning: resuming {path} with changed flags (saved, now): {changed}")
+    if master:
+        truncate_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
+    return ckpt

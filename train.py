@@ -22,8 +22,9 @@ DiT (Peebles & Xie, ICCV 2023) and DDPM (Ho et al. 2020) the generation stage; n
 groups and the cosine schedule; ADM (Dhariwal & Nichol 2021) the flips and the sample .npz.
 
 Read it top to bottom: the flags; the data and the frozen features computed from it once; the
-optimisation recipe; the run folder; Run, the machinery both stages share; then each stage as one
-story (data, networks, the loop) with its evaluation.
+optimisation recipe; Run, the machinery both stages share; then each stage as one story (data,
+networks, the loop) with its evaluation. The run folder's guards (claim_out, read_checkpoint:
+never replace a run, resume only a checkpoint that fits) are in files.py with the other checks.
 """
 import argparse
 import copy
@@ -43,8 +44,8 @@ from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adhe
 from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import (MissingFile, UserError, append_jsonl, atomic_write, check_ranges, file_digest, flag_error,
-                   flag_text, json_digest, load_checkpoint, run_main, save_checkpoint, truncate_log, write_arrays,
+from files import (MissingFile, UserError, append_jsonl, atomic_write, check_ranges, claim_out, file_digest,
+                   flag_error, flag_text, json_digest, read_checkpoint, run_main, save_checkpoint, write_arrays,
                    write_json)
 from pixels import plot_log, psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
@@ -292,55 +293,6 @@ def ema_update(ema_params, params, step, decay):
     # lerp_(ema, p, w) is ema += w (p - ema), i.e. ema = (1 - w) ema + w p, for every tensor in one call.
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
-
-
-#################################################################################
-#                 The run folder: claimed, checkpointed, resumed                #
-#################################################################################
-
-RUN_FILES = ("ckpt-latest.pt", "tokenizer", "dit")  # what a run leaves in its --out
-
-
-def claim_out(args, master):
-    """A fresh run never replaces one silently: an --out that holds a run needs --resume (continue
-    it) or --overwrite (start it over, with a new log)."""
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
-    if found and not (args.resume or args.overwrite):
-        raise UserError(f"{args.out} already holds a run ({os.path.join(args.out, found[0])}); pass --resume to "
-                        f"continue it, --overwrite to start it over, or another --out")
-    log_path = os.path.join(args.out, "log.jsonl")
-    if args.overwrite and master and os.path.exists(log_path):
-        os.remove(log_path)
-
-
-def read_checkpoint(path, args, device, master, config):
-    """The checkpoint to resume from, once it fits: its stage, its step, the model `config` describes
-    (one line, not a size mismatch per tensor). Warns of changed flags; cuts the log to its step."""
-    if not os.path.exists(path):
-        raise MissingFile(f"{path} not found; nothing to resume (drop --resume or fix --out)")
-    ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
-                           fix="start over with --overwrite instead of --resume, or fix --out")
-    if ckpt["args"].get("stage", "tokenizer") != args.stage:
-        raise UserError(f"{path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
-    if ckpt["step"] > args.steps:
-        raise UserError(f"{path} is at step {ckpt['step']}, past --steps {args.steps}; pass --steps "
-                        f"{ckpt['step']} or more to resume it")
-    differ = [k for k in config if ckpt["config"].get(k) != config[k]]
-    if differ:
-        saved = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
-        now = ", ".join(f"{k}={config[k]!r}" for k in differ)
-        raise UserError(f"{path} holds a model with {saved}, but these flags build one with {now}; resume "
-                        f"with the flags it was trained with (see {os.path.join(args.out, 'args.json')}), or "
-                        f"start over with --overwrite or another --out")
-    # Flags a resume may change without changing what is trained: the budget, the cadence, the workers.
-    free = ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")
-    changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
-               and k not in free}
-    if changed and master:
-        print(f"warning: resuming {path} with changed flags (saved, now): {changed}")
-    if master:
-        truncate_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
-    return ckpt
 
 
 #################################################################################
