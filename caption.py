@@ -86,7 +86,7 @@ def merge(out, parts):
     rows = {}
     for p in [out, *parts]:
         for r in read_rows(p):
-            rows.setdefault(r["file"], r)
+            rows.setdefault(r["file"], r)  # the first file wins: `out` first, so a merged caption never changes
     write_jsonl(out, [rows[k] for k in sorted(rows)])
     return len(rows)
 
@@ -143,6 +143,7 @@ class Captioner:
 
     def __init__(self, name, max_words=75, device="cpu"):
         self.device, self.max_words = torch.device(device), max_words
+        # bf16 on CUDA, as the rest of the project runs there; fp32 on the CPU, where bf16 is slower.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.processor, model = load_vlm(name, dtype)
         self.model = model.to(self.device).eval()
@@ -195,6 +196,7 @@ def caption_folder(args, rank=0, world=1, device=None):
     bad = []
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"captioning (shard {i}/{n})", unit="img")
     t0, count = time.time(), 0
+    # Appended, never rewritten: a kill loses at most the line being written, which read_rows drops.
     with open(path, "a") as f:
         for b in range(0, len(todo), args.batch_size):
             batch, images = [], []
@@ -250,6 +252,8 @@ def holdout(path, fraction, seed=0):
 
 
 def get_args(argv=None):
+    """The flags of the three commands (see the top); sizes below 1 and a --fraction outside (0, 1)
+    are refused here, before any model is loaded."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", help="image folder to caption")
     p.add_argument("--out", default="captions.jsonl", help="caption file to write (appended to, so reruns resume)")
