@@ -20,11 +20,6 @@ Generation" (CVPR 2025; §, Table and Fig. numbers are its); [49] MAGVIT-v2 (Yu 
 and [50] TiTok (Yu et al., NeurIPS 2024) give the tokenizer's losses, discriminator and schedule;
 DiT (Peebles & Xie, ICCV 2023) and DDPM (Ho et al. 2020) the generation stage; nanoGPT the AdamW
 groups and the cosine schedule; ADM (Dhariwal & Nichol 2021) the flips and the sample .npz.
-
-Read it top to bottom: the flags; the data and the frozen features computed from it once; the
-optimisation recipe; Run, the machinery both stages share; then each stage as one story (data,
-networks, the loop) with its evaluation. The run folder's guards (claim_out, read_checkpoint:
-never replace a run, resume only a checkpoint that fits) are in files.py with the other checks.
 """
 import argparse
 import copy
@@ -50,6 +45,11 @@ from files import (MissingFile, UserError, append_jsonl, atomic_write, check_ran
 from pixels import plot_log, psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
+
+# Read this file top to bottom: the flags; the data and the frozen features computed from it once;
+# the optimisation recipe; Run, the machinery both stages share; then each stage as one story (data,
+# networks, the loop) with its evaluation. The run folder's guards (claim_out, read_checkpoint: never
+# replace a run, resume only a checkpoint that fits) are in files.py, with the other input checks.
 
 #################################################################################
 #                                     Flags                                     #
@@ -204,7 +204,7 @@ def text_cache(run, captions, encoder_name, text_len):
         # memory map; fetch_text casts each batch to fp32. The mask goes last: it is the file computed_once
         # checks, so a cache cut off mid-write is computed again, never read half-written.
         emb, mask = TextEncoder(encoder_name, text_len, run.device).encode_all(captions)  # (n, Nt, Dt) fp16, (n, Nt)
-        for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):  # the mask last
+        for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):
             write_arrays(path, arr, shared=True)  # two runs may be filling one cache
     computed_once(run.rank, mask_path, compute)
     return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
