@@ -52,6 +52,8 @@ def textok_flops(cfg, text_len):
     flops = 2 * hw * 3 * p * p * D + 2 * N * D * 2 * d  # patch embedding, to (mean, logvar)
     flops += 2 * N * d * D + 2 * hw * D * 3 * p * p  # latent projection, to pixels
     for part, depth in (("tokenizer", cfg.enc_depth), ("detokenizer", cfg.dec_depth)):
+        # The extra tokens this ViT reads: the padded caption where text enters it, one class token in a
+        # class-conditional TexTok, else none.
         text = text_len if cfg.cond == "text" and cfg.text_for(part) else (1 if cfg.cond == "class" else 0)
         if cfg.cond == "text" and cfg.text_for(part):
             flops += 2 * text_len * cfg.text_dim * D  # linear projection of the caption
@@ -67,6 +69,7 @@ def dit_flops(cfg, text_len=None):
     regressions (6 D per block, 2 D for the final layer, once per sample, not per token), the
     blocks, and for DiT-T2I the caption MLP and the cross-attention."""
     D, N, d = cfg.width, cfg.num_tokens, cfg.token_dim
+    # 256: the width of the sinusoidal timestep code that DiT's timestep MLP reads (dit.TimestepEmbedder).
     flops = 2 * N * d * D + 2 * N * D * d + 2 * 256 * D + 2 * D * D  # x in, eps out, timestep MLP
     flops += cfg.depth * 2 * D * 6 * D + 2 * D * 2 * D  # adaLN-Zero modulation
     ctx = 0
@@ -80,7 +83,7 @@ def conv_linear_flops(model, *inputs):
     """Forward FLOPs of a convolutional network per sample, from its layers' shapes: a conv is
     2 (C_in / groups) k_h k_w per output element, a linear 2 in_features per output element, and
     the discriminator's depthwise 4x4 blur 2 x 16 per output element."""
-    total = [0]
+    total = [0]  # a list, so that the hook below (a closure) can add to it
 
     def hook(m, inp, out):
         if isinstance(m, nn.Conv2d):
@@ -144,6 +147,7 @@ def bench_tokenizer(args, device, autocast, peak):
     # train.py's defaults (1024, 128), as the paper's would dwarf a 32 px tokenizer.
     tok, disc = TexTok(cfg).to(device), Discriminator(R, 16384 if R >= 128 else 1024, 512 if R >= 128 else 128).to(device)
     lpips = LPIPS().to(device)  # random weights time the same as the real ones (and need no download)
+    # Plain AdamW: its cost is per parameter, the same with train.py's weight-decay groups.
     opt, opt_d = torch.optim.AdamW(tok.parameters()), torch.optim.AdamW(disc.parameters())
     tok_c, disc_c = (torch.compile(tok), torch.compile(disc)) if args.compile else (tok, disc)
     x = torch.rand(B, 3, R, R, device=device) * 2 - 1  # (B, 3, R, R) images in [-1, 1]
@@ -366,12 +370,15 @@ def bench_text_cost(args, device, autocast):
         t, m = (v.to(device) for v in encoder(captions))
         with autocast:
             tok(x, t, m, sample=False)
+    # The difference is what running the frozen encoder every step would cost per image; train.py
+    # pays it once per caption (text_cache), and the paper's Fig. 4 counts it once per generated image.
     a, b = timed(cached, device, args.warmup, args.iters), timed(uncached, device, args.warmup, args.iters)
     return {"bench": "text conditioning cost", "text_encoder": args.text_encoder, "batch": B,
             "s_per_img_cached": a / B, "s_per_img_uncached": b / B, "text_encoder_s_per_img": (b - a) / B}
 
 
 def get_args(argv=None):
+    """What to time: the models' sizes (tiny by default, the paper's in the module docstring) and how."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the models' sizes (defaults: the tiny ones a CPU trains; the paper's are in the docstring above)
     p.add_argument("--tokenizer", default="TexTok-T")
@@ -398,6 +405,8 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    """Times the chosen benchmarks on this machine's GPU (else its CPU): one printed line per result,
+    and, with --json, the results beside the device and the flags."""
     args = get_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Timed as train.py and sample.py run: compiled, tf32 matmuls and bf16 autocast on CUDA.

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
 from devices import distributed
-from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main
+from files import MissingFile, UserError, check_ranges, first_line, flag_error, run_main, write_jsonl
 
 # What a chat VLM is asked. The paper's captions (Gemini 1.5 Flash, §4.1) are "detailed", up to 75
 # words; more descriptive captions reconstruct better (Table 4a), so the prompt asks for the
@@ -58,22 +58,26 @@ def find_images(root):
     return files, folder_labels(files) or [None] * len(files)
 
 
-def read_done(path):
-    """Files already captioned in `path`. A last line cut off by a kill (no newline, or not
-    JSON) is dropped from the file; complete lines are never touched."""
-    done = set()
+def read_rows(path):
+    """The rows of a caption file this script wrote (none if there is no file yet). A last line
+    cut off by a kill (no newline) is first dropped from the file; complete lines are never
+    touched. A line that does not read (data.read_jsonl) or names no file is one line, path:line."""
     if not os.path.exists(path):
-        return done
+        return []
     with open(path, "rb") as f:
         data = f.read()
     keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
-    for line in data[:keep].splitlines():
-        if line.strip():
-            done.add(json.loads(line)["file"])
     if keep < len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)
-    return done
+    rows = []
+    for n, r, problem in read_jsonl(path):
+        if problem is None and not isinstance(r.get("file"), str):
+            problem = f"{path}:{n}: no 'file'"
+        if problem is not None:
+            raise UserError(f"{problem}; fix or delete that line (an image without a line is captioned again)")
+        rows.append(r)
+    return rows
 
 
 def merge(out, parts):
@@ -81,23 +85,10 @@ def merge(out, parts):
     sorted by file, each image once; atomic."""
     rows = {}
     for p in [out, *parts]:
-        if os.path.exists(p):
-            read_done(p)  # drops a partial last line
-            with open(p) as f:
-                for line in f:
-                    if line.strip():
-                        r = json.loads(line)
-                        rows.setdefault(r["file"], r)
+        for r in read_rows(p):
+            rows.setdefault(r["file"], r)  # the first file wins: `out` first, so a merged caption never changes
     write_jsonl(out, [rows[k] for k in sorted(rows)])
     return len(rows)
-
-
-def write_jsonl(path, rows):
-    """A JSON-lines file, one object per line, written atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    atomic_write(path, write)
 
 
 def truncate_words(text, n):
@@ -152,6 +143,7 @@ class Captioner:
 
     def __init__(self, name, max_words=75, device="cpu"):
         self.device, self.max_words = torch.device(device), max_words
+        # bf16 on CUDA, as the rest of the project runs there; fp32 on the CPU, where bf16 is slower.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.processor, model = load_vlm(name, dtype)
         self.model = model.to(self.device).eval()
@@ -187,7 +179,7 @@ class Captioner:
 
 def caption_folder(args, rank=0, world=1, device=None):
     """Captions this process's share of --data (--shard i/n, else its torchrun rank's) into its
-    own file, appended batch by batch: a rerun skips what is already there (read_done), and an
+    own file, appended batch by batch: a rerun skips what is already there (read_rows), and an
     unreadable image is skipped and counted, never fatal. -> (the file, images skipped)."""
     files, labels = find_images(args.data)
     if args.shard:
@@ -198,12 +190,13 @@ def caption_folder(args, rank=0, world=1, device=None):
         i, n = rank, world
     path = args.out if n == 1 else f"{args.out}.shard-{i}-of-{n}"  # one writer per file
     mine = list(range(len(files)))[i::n]  # every n-th image: shards of nearly equal size
-    done = read_done(path)
+    done = {r["file"] for r in read_rows(path)}
     todo = [k for k in mine if files[k] not in done]
     captioner = Captioner(args.model, args.max_words, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bad = []
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"captioning (shard {i}/{n})", unit="img")
     t0, count = time.time(), 0
+    # Appended, never rewritten: a kill loses at most the line being written, which read_rows drops.
     with open(path, "a") as f:
         for b in range(0, len(todo), args.batch_size):
             batch, images = [], []
@@ -259,6 +252,8 @@ def holdout(path, fraction, seed=0):
 
 
 def get_args(argv=None):
+    """The flags of the three commands (see the top); sizes below 1 and a --fraction outside (0, 1)
+    are refused here, before any model is loaded."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", help="image folder to caption")
     p.add_argument("--out", default="captions.jsonl", help="caption file to write (appended to, so reruns resume)")
@@ -271,9 +266,7 @@ def get_args(argv=None):
     p.add_argument("--fraction", type=float, default=0.02, help="share of each class's captions to hold out")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for k in ("max_words", "batch_size"):
-        if getattr(args, k) < 1:
-            flag_error(p, f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    check_ranges(p, args, at_least_1=("max_words", "batch_size"))
     if not 0 < args.fraction < 1:
         flag_error(p, f"--fraction {args.fraction}: must be between 0 and 1")
     return args

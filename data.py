@@ -14,6 +14,8 @@ over them once (train.py caches the embeddings) and never per step.
 
     prompt_adherence    does an image show what its built-in caption says (colours by cell):
                         the built-in shapes' text-to-image score
+    fetch_text          rows of train.py's caption-embedding cache as a batch's (text, mask)
+    LatentSet           train.py's cache of DiT latents, batched as an image dataset is
 """
 import json
 import math
@@ -463,6 +465,39 @@ def load_splits(data: str = "builtin", captions: str = None, image_size: int = 3
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, min(val_images, len(full) // 10))
     return Split(full, sorted(perm[n_val:])), Split(full, sorted(perm[:n_val]))
+
+
+#################################################################################
+#                 Cached features, read as a training step reads them           #
+#################################################################################
+
+def fetch_text(cache, idx, device, trim=False):
+    """Rows `idx` of a cache -> (embeddings (B, Nt, Dt) float32, mask (B, Nt) bool), or (None, None)
+    without one. trim=True drops the padding past the longest caption: exact (padded keys are masked
+    out of attention), a third less compute; off under torch.compile, which recompiles per length."""
+    if cache is None:
+        return None, None
+    order = np.asarray(idx)
+    emb, mask = np.ascontiguousarray(cache[0][order]), np.ascontiguousarray(cache[1][order])  # (B, Nt, Dt), (B, Nt)
+    if trim:
+        length = max(1, int(mask.sum(1).max()))
+        emb, mask = emb[:, :length], mask[:, :length]
+    return (torch.from_numpy(emb).to(device, non_blocking=True).float(),
+            torch.from_numpy(mask).to(device, non_blocking=True))
+
+
+class LatentSet(torch.utils.data.Dataset):
+    """The latent cache as a dataset whose item i is (latent tokens (N, d), i, label), the shape
+    of an image dataset's items, so that both stages batch through the same loader."""
+
+    def __init__(self, latents, labels):
+        self.latents, self.labels = latents, labels
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.latents[i])), i, (-1 if self.labels is None else self.labels[i])
 
 
 #################################################################################

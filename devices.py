@@ -8,6 +8,7 @@ It imports nothing of the project, so train.py, sample.py and caption.py all sta
                         however the script ends, so a rank that fails never hangs the others
     mean_across_ranks   a tensor averaged over the ranks (in place), as it is in one process
     autocast            the precision context: bf16 autocast on CUDA, plain fp32 on the CPU
+    computed_once       rank 0 fills a cache, the other ranks wait for it and then read it
 """
 import os
 from contextlib import contextmanager, nullcontext
@@ -53,3 +54,14 @@ def autocast(device, precision=None):
     """
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def computed_once(rank, done, compute):
+    """Rank 0 runs compute() unless `done`, the file a cache writes last, exists; every rank then
+    waits at a barrier, so none reads the cache before it is complete. (Eight ranks encoding the
+    same captions would do the work eight times and race to write it.)"""
+    if rank == 0 and not os.path.exists(done):
+        os.makedirs(os.path.dirname(os.path.abspath(done)), exist_ok=True)
+        compute()
+    if dist.is_initialized():
+        dist.barrier()

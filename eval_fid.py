@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, load_rgb, prompt_adherence
-from files import MissingFile, UserError, atomic_write, first_line, flag_error, run_main, write_json
+from files import MissingFile, UserError, atomic_write, check_ranges, first_line, run_main, write_arrays, write_json
 from pixels import psnr, ssim, to_uint8, to_unit
 
 #################################################################################
@@ -51,6 +51,7 @@ class Stats:
 
     def update(self, feats):
         f = np.asarray(feats, dtype=np.float64)  # (B, dim)
+        # The count, the sum and the sum of outer products x x^T are all a mean and covariance need.
         self.n += f.shape[0]
         self.sum += f.sum(0)
         self.outer += f.T @ f
@@ -97,6 +98,7 @@ def inception_score(probs, splits=10):
 def _kth_neighbour_radii(feats, k, chunk=1024):
     """Distance from each point to its k-th nearest other point (index k after sorting, since
     index 0 is the point itself)."""
+    # In chunks of rows: the whole (n, n) distance matrix of 50,000 images would be 10 GB in fp32.
     out = []
     for i in range(0, len(feats), chunk):
         d = torch.cdist(feats[i:i + chunk], feats)  # (c, n)
@@ -225,6 +227,7 @@ class Inception:
         """uint8 images (B, H, W, 3) -> (features (B, 2048) fp32, probabilities (B, 1008) or None)."""
         x = torch.as_tensor(np.asarray(images)).to(self.device).permute(0, 3, 1, 2).float()  # (B, 3, H, W) 0..255
         x = tf_bilinear_resize(x, 299)  # (B, 3, 299, 299)
+        # (x - 128) / 128 is the TF graph's own input scaling (protocol step 3), not ImageNet's mean and std.
         feats = self.layers((x - 128.0) / 128.0).reshape(x.shape[0], 2048)  # (B, 2048)
         probs = None
         if self.head_weight is not None:
@@ -294,6 +297,7 @@ def image_batches(src, batch_size):
                 img = load_rgb(f)  # as training reads images: 16-bit and float ones scaled, not clipped
             except Exception as e:
                 raise UserError(f"{f}: unreadable image ({first_line(e)}); remove it from the folder") from None
+            # Brought to the first image's size so that a batch stacks; the Inception then resizes all to 299.
             size = size or img.size
             batch.append(np.asarray(img if img.size == size else img.resize(size, Image.BICUBIC)))
         yield np.stack(batch)
@@ -335,6 +339,7 @@ def features_of(src, inception, batch_size, desc):
         return None, None, src["mu"], src["sigma"]
     if "mu" in src:
         return feats, probs, src["mu"], src["sigma"]
+    # In chunks: f.T @ f of all 50,000 features at once would need a float64 copy of them (800 MB).
     stats = Stats(feats.shape[1])
     for i in range(0, len(feats), 4096):
         stats.update(feats[i:i + 4096])
@@ -344,13 +349,10 @@ def features_of(src, inception, batch_size, desc):
 def save_stats(path, mu, sigma, feats=None):
     """mu, sigma (ADM's names) and the features (fp16) for precision/recall; written atomically."""
     arrays = dict(mu=mu, sigma=sigma)
+    # fp16 halves the features (50,000 x 2048: 200 MB); they only feed precision/recall's distances.
     if feats is not None:
         arrays["features"] = feats.astype(np.float16)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
-            np.savez(f, **arrays)
-    atomic_write(path, write)
+    write_arrays(path, arrays)
 
 
 def clip_score(images, prompts, model_name, batch_size=32, device="cpu"):
@@ -366,6 +368,7 @@ def clip_score(images, prompts, model_name, batch_size=32, device="cpu"):
                           f"needs it from the Hugging Face hub (online) or a local folder; pass --clip-model "
                           f"NAME_OR_FOLDER, or leave --clip-model out to skip it") from None
     scores = []
+    # CLIP's own processor resizes, crops and normalises the images, and cuts prompts to its 77 tokens.
     with torch.no_grad():
         for i in tqdm(range(0, len(images), batch_size), desc="clip score", unit="batch"):
             inputs = processor(text=[str(p) for p in prompts[i:i + batch_size]],
@@ -388,6 +391,8 @@ def evaluate_generation(samples, ref, inception, batch_size=64, k=3, clip_model=
     f_s, p_s, mu_s, sg_s = features_of(samples, inception, batch_size, "samples")
     f_r, _, mu_r, sg_r = features_of(ref, inception, batch_size, "reference")
     out = {"num_samples": len(f_s), "fid": frechet_distance(mu_s, sg_s, mu_r, sg_r)}
+    # IS needs the 1008-way classifier (absent from fid-helper's network); precision and recall need the
+    # reference's features (absent from a statistics .npz that another tool wrote).
     if p_s is not None:
         out["is"], out["is_std"] = inception_score(p_s)
     if f_r is not None:
@@ -413,10 +418,13 @@ def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_si
     each image given the next image's caption, "empty" with the empty caption. `real_stats` (a
     Stats of the originals, filled by an earlier call) skips recomputing the originals."""
     n = len(dataset)
+    # "other": the next image's caption, a real caption of this data that just does not describe this image.
     captions = {"captions": lambda i: dataset.captions[i], "other captions": lambda i: dataset.captions[(i + 1) % n],
                 "empty captions": lambda i: ""}
     runs = ["captions"] + [f"{t} captions" for t in caption_tests if text_encoder is not None]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2)
+    # The originals' Inception statistics are computed in the first run only: the caption runs change the
+    # reconstructions, not the originals (and reproduce.py shares them between tokenizers of one seed).
     real_done = real_stats is not None and real_stats.n > 0
     real_stats = real_stats if real_stats is not None else Stats()
     results = {}
@@ -427,10 +435,11 @@ def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_si
             text = mask = None
             if text_encoder is not None:
                 text, mask = (v.to(device) for v in text_encoder([captions[name](i) for i in idx.tolist()]))
-            recon = tok(x, text, mask, lab, sample=False)[0].float()
+            # The posterior mean (no sampling noise), as train.py's held-out evaluation decodes.
+            recon = tok(x, text, mask, lab, sample=False)[0].float()  # (b, 3, H, W)
             scores["psnr"].append(psnr(recon, x).cpu())
             scores["ssim"].append(ssim(recon, x).cpu())
-            if lpips is not None:
+            if lpips is not None:  # of the images as saved (rounded through uint8), like PSNR and SSIM
                 scores["lpips"].append(lpips(to_unit(recon) * 2 - 1, to_unit(x) * 2 - 1).flatten().cpu())
             if inception is None:
                 continue
@@ -464,6 +473,7 @@ def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, 
         with open(args_path) as f:
             run = json.load(f)
     data = data or run.get("data", "builtin")
+    # The run's caption file goes with the run's own data only; another --data needs its own --captions.
     captions = captions or (run.get("captions") if data == run.get("data") else None)
     seed = seed if seed is not None else run.get("seed", 0)
     if data == "builtin":
@@ -497,18 +507,22 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the results here")
     sub = p.add_subparsers(dest="command", required=True)
+    # gen: the paper's generation metrics (§4.2), of sample.py's .npz against a reference set
     g = sub.add_parser("gen", help="FID / IS / precision / recall (/ CLIP score) of samples vs a reference")
     g.add_argument("samples", help="folder or .npz (arr_0) of generated images")
     g.add_argument("ref", help="folder, .npz of images, or statistics .npz (mu, sigma)")
     g.add_argument("--save-ref-stats", default=None, help="write the reference's statistics here, for next time")
     g.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall")
     g.add_argument("--clip-model", default=None, help="e.g. openai/clip-vit-large-patch14 (text-to-image samples)")
+    # stats: a reference's statistics, once (ADM ships ImageNet's as VIRTUAL_imagenet256_labeled.npz)
     s = sub.add_parser("stats", help="compute and save a reference's statistics once")
     s.add_argument("images", help="folder or .npz (arr_0) of images")
     s.add_argument("--out", required=True, help="statistics .npz to write (mu, sigma, features)")
+    # adherence: the built-in shapes' text-to-image score (data.prompt_adherence); pixels only, no Inception
     a = sub.add_parser("adherence", help="prompt adherence of text-to-image samples of built-in captions, "
                                          "beside that of real images of the same prompts")
     a.add_argument("samples", help=".npz written by sample.py --num-samples (arr_0 + prompts)")
+    # recon: the paper's reconstruction metrics (rFID as Table 1 reports it), on images the tokenizer never saw
     r = sub.add_parser("recon", help="rFID / rIS / PSNR / SSIM / LPIPS of a trained tokenizer")
     r.add_argument("--tokenizer", default="out/textok/tokenizer", help="folder written by train.py")
     r.add_argument("--data", default=None, help="'builtin' or an image folder (default: what the tokenizer trained on)")
@@ -523,10 +537,7 @@ def get_args(argv=None):
     r.add_argument("--empty-captions", action="store_true", help="also evaluate with empty captions")
     r.add_argument("--no-lpips", action="store_true")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        flag_error(p, f"--batch-size {args.batch_size}: must be at least 1")
-    if getattr(args, "k", 1) < 1:
-        flag_error(p, f"--k {args.k}: must be at least 1")
+    check_ranges(p, args, at_least_1=("batch_size", "k") if args.command == "gen" else ("batch_size",))
     return args
 
 

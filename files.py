@@ -4,13 +4,18 @@ line that names it and the fix. It imports nothing of the project, so any file c
 
     UserError        a problem with what the user gave (a flag, a file); the scripts print its
                      message as one line, `error: ...`, and exit with status 2 (run_main; a bad
-                     flag value: flag_error)
+                     flag value: flag_error, and check_ranges for the usual ranges)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
-    load_checkpoint  a checkpoint train.py wrote, or one line saying what the file is instead
+    append_jsonl     a row at the end of a log; truncate_log cuts a log back to a checkpoint's step
+    save_checkpoint  a checkpoint, atomically; load_checkpoint reads it back, or says in one line
+                     what the file is instead
     load_config      a model's config.json into its config dataclass, or one line naming the file
     load_weights     safetensors weights into a model, or one line naming the first tensor that differs
     file_digest      a file's sha256: which weights a DiT was trained against
+    json_digest      the sha256 of a JSON-able value: the key of a cache built from it
+    claim_out        train.py's --out: a run in it is never replaced without --resume or --overwrite
+    read_checkpoint  the checkpoint --resume continues, once it fits the flags, or one line saying why not
 """
 import errno
 import hashlib
@@ -20,6 +25,7 @@ import pickle
 import sys
 from dataclasses import fields
 
+import numpy as np
 import torch
 
 
@@ -51,6 +57,26 @@ def flag_error(parser, message: str):
     """Exits as parser.error does (status 2), with the one line only: argparse's usage dump above
     it would bury it."""
     parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def flag_text(args, name: str) -> str:
+    """'--batch-size 0': how an error names a flag (args' attribute `name`) and its value."""
+    return f"--{name.replace('_', '-')} {getattr(args, name)}"
+
+
+def check_ranges(parser, args, at_least_1=(), not_negative=(), positive=(), below_1=()):
+    """Refuses (flag_error) the first of the named flags whose value no run can use: counts and
+    sizes below 1, weights and step numbers below 0, rates of 0 or less (None, "the default",
+    passes), betas and decays outside [0, 1). Every script checks its flags here, before any
+    work, so the same mistake reads the same in each."""
+    rules = ((at_least_1, lambda v: v < 1, "must be at least 1"),
+             (not_negative, lambda v: v < 0, "must not be negative"),
+             (positive, lambda v: v is not None and v <= 0, "must be positive"),
+             (below_1, lambda v: not 0 <= v < 1, "must be in [0, 1)"))
+    for names, bad, rule in rules:
+        for name in names:
+            if bad(getattr(args, name)):
+                flag_error(parser, f"{flag_text(args, name)}: {rule}")
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:
@@ -93,6 +119,60 @@ def write_json(path: str, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def write_jsonl(path: str, rows) -> None:
+    """A JSON-lines file, one object per line, written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    atomic_write(path, write)
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    """One object as the last line of a JSON-lines log. Appended, not rewritten: a kill can cut
+    off only this line, and truncate_log drops such a line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Drops the rows of a JSON-lines log whose "step" is past `step`, and a last line cut off by a
+    kill: a resumed run replays the steps after its checkpoint and logs them again."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                if row["step"] <= step:
+                    keep.append(row)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    write_jsonl(path, keep)  # json.dumps of a parsed json.dumps line is that line again
+
+
+def write_arrays(path: str, arrays, shared: bool = False) -> None:
+    """numpy arrays, written atomically: one array as .npy (np.save), a dict of them as .npz
+    (np.savez). Written through a file object: given a name, numpy would add its own suffix
+    to the temporary path."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            if isinstance(arrays, dict):
+                np.savez(f, **arrays)
+            else:
+                np.save(f, arrays)
+    atomic_write(path, write, shared)
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Atomic: a crash or a full disk mid-write leaves the previous checkpoint and no temp file.
+    Tensors and plain types only, so torch.load(weights_only=True) reads it (house rule 7)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through a Python file, so that a full disk is an OSError(ENOSPC)
+            torch.save(state, f)
     atomic_write(path, write)
 
 
@@ -187,3 +267,58 @@ def file_digest(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_digest(obj) -> str:
+    """sha256 of a JSON-able value (as json.dumps writes it): a cache built from the value is
+    named by it, so a change to any of its parts (captions, encoder, weights) misses the cache."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+#################################################################################
+#          A training run's folder: never replaced, resumed if it fits          #
+#################################################################################
+# train.py's --out and its flags (--resume, --overwrite, --stage, --steps): what the user gave is
+# checked here, as the other files are, so train.py reads as training only.
+
+RUN_FILES = ("ckpt-latest.pt", "tokenizer", "dit")  # what a run leaves in its --out
+
+
+def claim_out(args, master: bool) -> None:
+    """A fresh run never replaces one silently: an --out that holds a run needs --resume (continue
+    it) or --overwrite (start it over, with a new log)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if found and not (args.resume or args.overwrite):
+        raise UserError(f"{args.out} already holds a run ({os.path.join(args.out, found[0])}); pass --resume to "
+                        f"continue it, --overwrite to start it over, or another --out")
+    log_path = os.path.join(args.out, "log.jsonl")
+    if args.overwrite and master and os.path.exists(log_path):
+        os.remove(log_path)
+
+
+def read_checkpoint(path: str, args, device, master: bool, config: dict) -> dict:
+    """The checkpoint to resume from, once it fits: its stage, its step, the model `config` describes
+    (one line, not a size mismatch per tensor). Warns of changed flags; cuts the log to its step."""
+    ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
+                           fix="nothing to resume: drop --resume (adding --overwrite to start over in this --out), "
+                               "or fix --out")
+    if ckpt["args"].get("stage", "tokenizer") != args.stage:
+        raise UserError(f"{path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
+    if ckpt["step"] > args.steps:
+        raise UserError(f"{path} is at step {ckpt['step']}, past --steps {args.steps}; pass --steps "
+                        f"{ckpt['step']} or more to resume it")
+    differ = [k for k in config if ckpt["config"].get(k) != config[k]]
+    if differ:
+        saved = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
+        now = ", ".join(f"{k}={config[k]!r}" for k in differ)
+        raise UserError(f"{path} holds a model with {saved}, but these flags build one with {now}; resume "
+                        f"with the flags it was trained with (see {os.path.join(args.out, 'args.json')}), or "
+                        f"start over with --overwrite or another --out")
+    # Flags a resume may change without changing what is trained: the budget, the cadence, the workers.
+    free = ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")
+    changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
+               and k not in free}
+    if changed and master:
+        print(f"warning: resuming {path} with changed flags (saved, now): {changed}")
+    if master:
+        truncate_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
+    return ckpt

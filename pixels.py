@@ -1,7 +1,7 @@
 """
-Pixels, for every script that shows or measures images. The models work on float images in
-[-1, 1]; people look at PNGs of uint8 pixels. This file is the one place that converts between
-the two, scores one against another, and lays images out in a grid. It imports nothing of the
+Pixels, and the pictures a run writes. The models work on float images in [-1, 1]; people look
+at PNGs of uint8 pixels. This file is the one place that converts between the two, scores one
+against another, lays images out in a grid, and draws a run's curves. It imports nothing of the
 project, so train.py, sample.py, eval_fid.py and reproduce.py all stand on it.
 
     to_unit, to_uint8   [-1, 1] floats -> [0, 1] floats / uint8 arrays, rounded as a saved PNG is
@@ -9,7 +9,9 @@ project, so train.py, sample.py, eval_fid.py and reproduce.py all stand on it.
                         eval_fid.py recon report the same numbers)
     save_grid           rows of images as one PNG: small images enlarged, a title per column,
                         the row captions in a .txt beside it
+    plot_log            a run's log.jsonl as curves.png: the loss terms, and the held-out scores
 """
+import json
 import os
 
 import numpy as np
@@ -35,7 +37,7 @@ def to_uint8(x):
 
 
 #################################################################################
-#                             Pixel metrics: PSNR, SSIM                          #
+#                           Pixel metrics: PSNR, SSIM                           #
 #################################################################################
 
 def psnr(a, b):
@@ -97,3 +99,39 @@ def save_grid(path, rows, titles=None, captions=None):
     if captions is not None:
         with open(os.path.splitext(path)[0] + ".txt", "w") as f:
             f.write("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
+
+
+#################################################################################
+#                                Training curves                                #
+#################################################################################
+
+def plot_log(log_path, png_path):
+    """log.jsonl's loss terms and held-out scores (PSNR with three captions: their gaps are the caption's effect)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    rows = {}
+    with open(log_path) as f:
+        for line in f:  # one row per (step, kind); should a step appear twice, the last counts
+            r = json.loads(line)
+            rows[(r["step"], "eval" in r)] = r
+    train_rows = [r for (_, is_eval), r in sorted(rows.items()) if not is_eval]
+    evals = [{**r["eval"], "step": r["step"]} for (_, is_eval), r in sorted(rows.items()) if is_eval]
+    losses = [k for k in ("loss", "l2", "lpips", "g_adv", "d") if any(r.get(k) for r in train_rows)]
+    scores = [k for k in ("psnr", "psnr_other", "psnr_empty", "adherence") if any(k in r for r in evals)]
+    panels = [("loss", train_rows, losses)] + ([("held-out", evals, scores)] if scores else [])
+    names = {"psnr": "PSNR, own caption", "psnr_other": "PSNR, another image's caption",
+             "psnr_empty": "PSNR, empty caption", "adherence": "prompt adherence"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, src, keys) in zip(axes[0], panels):
+        for k in keys:
+            ax.plot([r["step"] for r in src if k in r], [r[k] for r in src if k in r],
+                    marker="" if title == "loss" else "o", label=names.get(k, k))
+        if title == "loss":
+            ax.set_yscale("log")  # the terms span orders of magnitude
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

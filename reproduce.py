@@ -31,9 +31,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
-from files import UserError, run_main, write_json
+from files import UserError, atomic_write, run_main, write_json
 
 VARIANTS = ("none", "tokenizer", "detokenizer", "both")  # Table 4d's rows, in its order
+# What every run reports on its held-out images: the rFID of Table 1, and the pixel metrics beside it.
 METRICS = ("psnr", "ssim", "lpips", "rfid")
 
 # Shared training flags of each preset. Token counts span the paper's Table 1 range by pixel values
@@ -49,12 +50,15 @@ PRESETS = {
 
 
 def get_args(argv=None):
+    """The sweep's flags; the preset fills in every one not given, and the folders follow --data."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what is compared: token counts and seeds (Table 1), and where the text enters (Table 4d)
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="shared sizes and budget (flags below override)")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts N to compare at")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed per setting")
     p.add_argument("--ablation-tokens", type=int, default=None,
                    help="token count of the Table 4d ablation (text in tokenizer only, detokenizer only); 0: skip")
+    # the budget and sizes every run shares (default: the preset's)
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (the same budget for all)")
     p.add_argument("--model", default=None)
     p.add_argument("--image-size", type=int, default=None)
@@ -63,6 +67,7 @@ def get_args(argv=None):
     p.add_argument("--lpips-weight", type=float, default=None)
     p.add_argument("--num-images", type=int, default=None, help="built-in training images per run")
     p.add_argument("--eval-images", type=int, default=None, help="held-out images scored per run")
+    # the data, and how the sweep runs and where it writes
     p.add_argument("--data", default="builtin", help="'builtin' or an image folder")
     p.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images/captions")
@@ -77,11 +82,14 @@ def get_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    # Another dataset's sweep gets its own folder: it never resumes, or averages with, the built-in one's runs.
     name = "reproduce" if args.data == "builtin" else f"reproduce-{os.path.basename(os.path.normpath(args.data))}"
     args.out = args.out or os.path.join("out", name)
     args.results = args.results or ("docs/results" if args.data == "builtin" else args.out)
+    # On a CPU two single-thread runs finish sooner than one run on two threads; a GPU takes one at a time.
     if args.jobs is None:
         args.jobs = 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+    # The ablation is read beside TexTok and the baseline at the same count, so that count must be swept.
     if args.ablation_tokens and args.ablation_tokens not in args.tokens:
         raise UserError(f"--ablation-tokens {args.ablation_tokens} must be one of --tokens {args.tokens}")
     return args
@@ -94,6 +102,7 @@ def get_args(argv=None):
 def plan(args):
     """Every run of the sweep: TexTok (text in both) and the baseline (none) at each token count
     and seed, then text in the tokenizer only and the detokenizer only at the ablation count."""
+    # TexTok and its baseline share seed, data and init at each count: their difference is the caption's.
     runs = [(n, v, s) for n in args.tokens for s in args.seeds for v in ("both", "none")]
     if args.ablation_tokens:
         runs += [(args.ablation_tokens, v, s) for s in args.seeds for v in ("tokenizer", "detokenizer")]
@@ -110,6 +119,8 @@ def sweep_settings(args):
 def train_argv(args, run, folder):
     """The train.py command line of one run. Its held-out split is --val-images eval_images, the
     same images the evaluation below scores; checkpoints every 250 steps make a kill cheap."""
+    # One evaluation, at the end (--eval-every --steps): the numbers that count are evaluate_run's. No
+    # DataLoader workers: the runs are --jobs processes already, and workers would oversubscribe the cores.
     argv = ["--model", args.model, "--image-size", str(args.image_size), "--patch-size", str(args.patch_size),
             "--num-tokens", str(run["num_tokens"]), "--text-in", run["text_in"], "--seed", str(run["seed"]),
             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lpips-weight", str(args.lpips_weight),
@@ -134,9 +145,11 @@ def evaluate_run(folder, args, seed):
     from data import load_splits
     from eval_fid import Inception, Stats, evaluate_reconstruction
     from textok import LPIPS, TexTok, TextEncoder
+    # The EMA weights train.py exported, on the held-out split train.py kept out of training.
     tok = TexTok.from_pretrained(os.path.join(folder, "tokenizer")).eval()
     _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
                               args.skip_bad, progress=False)
+    # The networks are loaded once per worker process and kept: every run is scored by the same ones.
     if "inception" not in _eval_tools:
         _eval_tools.update(inception=Inception(), lpips=LPIPS.load())
     encoder = None
@@ -157,9 +170,11 @@ def run_one(run, args, threads):
     """Trains and evaluates one run (in a worker process, its output in <run>/run.log); writes
     <run>/result.json last, atomically, so a result on disk always belongs to a finished run."""
     import train
+    # Each run takes its share of the cores (main: cores // --jobs); torch would otherwise take them all.
     torch.set_num_threads(threads)
     folder = os.path.join(args.out, run["name"])
     os.makedirs(folder, exist_ok=True)
+    # train.py's output goes to the run's own log: --jobs runs at once would interleave their progress bars.
     with open(os.path.join(folder, "run.log"), "a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
         t0 = time.time()
@@ -180,6 +195,7 @@ def read_result(args, run):
         result = json.load(f)
     with open(os.path.join(folder, "log.jsonl")) as f:
         evals = [r["eval"] for r in map(json.loads, f) if "eval" in r]
+    # The last evaluation is at --steps (train_argv): the finished model's attention to the caption.
     for part, shares in (evals[-1].get("text_attention", {}) if evals else {}).items():
         if shares:
             result[f"attention_{part}"] = sum(shares) / len(shares)
@@ -191,10 +207,13 @@ def read_result(args, run):
 #################################################################################
 
 def mean_std(values):
+    """(mean, standard deviation) of the values that are not None; (None, None) when none is, and a
+    standard deviation of 0 for a single value."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
     m = sum(values) / len(values)
+    # n - 1: the sample standard deviation, since the seeds are a sample of the runs one could make.
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
 
 
@@ -203,6 +222,7 @@ def summarise(runs):
     count, TexTok's gain over the baseline, computed seed by seed (the two share their data,
     initialisation and held-out images) and then averaged: rFID as the paper reports it, a
     relative reduction, and PSNR in dB."""
+    # The runs grouped by (token count, variant), in Table 1's order and Table 4d's within a count.
     rows = {}
     for r in runs:
         rows.setdefault((r["num_tokens"], r["text_in"]), []).append(r)
@@ -212,6 +232,8 @@ def summarise(runs):
         for k in (*METRICS, "psnr_other", "psnr_empty", "attention_tokenizer", "attention_detokenizer"):
             row[k], row[f"{k}_std"] = mean_std([r.get(k) for r in rs])
         if v != "none" and (n, "none") in rows:
+            # Paired by seed: what the two runs of a seed share (data order, init) cancels, so the spread
+            # left is that of the caption's effect, not of the seeds.
             base = {r["seed"]: r for r in rows[(n, "none")]}
             paired = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
             row["rfid_gain"], row["rfid_gain_std"] = mean_std([100 * (b["rfid"] - t["rfid"]) / b["rfid"] for t, b in paired])
@@ -221,11 +243,15 @@ def summarise(runs):
 
 
 def fmt(row, k, digits):
+    """'mean ± std' of metric k of a summary row, to `digits` decimals; empty when it is missing."""
     m, s = row.get(k), row.get(f"{k}_std")
     return "" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def markdown(summary, args, minutes):
+    """table1.md: Table 1's layout (TexTok against the baseline per token count, with the gains),
+    the Table 4d ablation when it ran, how much the caption is used, and the settings behind it."""
+    # The rFID gain is relative, as the paper reports it; the PSNR gain is in dB.
     name = {"none": "Baseline (w/o text)", "both": "TexTok"}
     lines = ["| # tokens | variant | rFID | PSNR | SSIM | LPIPS | rFID gain | PSNR gain |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -250,6 +276,7 @@ def markdown(summary, args, minutes):
     lines += [f"| {r['num_tokens']} | {r['text_in']} | {fmt(r, 'psnr', 2)} | {fmt(r, 'psnr_other', 2)} | "
               f"{fmt(r, 'psnr_empty', 2)} | {pct(r, 'attention_tokenizer')} | {pct(r, 'attention_detokenizer')} |"
               for r in summary if r["text_in"] != "none"]
+    # The hardware and the budget go beside the numbers: a table compares only with one of the same budget.
     hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU, {args.jobs} run(s) at a time"
     seeds = len(args.seeds)
     lines += ["", f"Mean ± standard deviation over {seeds} seed(s); gains are TexTok against the baseline of the same "
@@ -271,7 +298,7 @@ def plot(summary, path):
             rows = [r for r in summary if r["text_in"] == v]
             ax.errorbar([r["num_tokens"] for r in rows], [r[k] for r in rows], yerr=[r[f"{k}_std"] for r in rows],
                         label=name, color=color, marker="o", capsize=3)
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=2)  # the token counts double from one to the next
         ax.set_xticks([r["num_tokens"] for r in summary if r["text_in"] == "none"])
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.minorticks_off()
@@ -295,6 +322,7 @@ def figure(args, seed, path, count=6):
     count = min(count, len(held_out))
     x = torch.stack([held_out[i][0] for i in range(count)])
     captions = held_out.captions[:count]
+    # One column per (token count, variant) at this seed: each run's EMA tokenizer, decoding its posterior mean.
     cols, titles, encoders = [x], ["input"], {}
     for n in args.tokens:
         for v in ("none", "both"):
@@ -305,16 +333,15 @@ def figure(args, seed, path, count=6):
             text = mask = None
             if v == "both":
                 key = (tok.cfg.text_encoder, tok.cfg.text_len)
-                text, mask = encoders.setdefault(key, TextEncoder(*key))(captions)
+                text, mask = (encoders.get(key) or encoders.setdefault(key, TextEncoder(*key)))(captions)
             cols.append(tok(x, text, mask, sample=False)[0].clamp(-1, 1))
             titles.append(f"{'base' if v == 'none' else 'TexTok'} {n}")
-    save_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles)
-    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-        f.write("".join(f"row {i}: {c}\n" for i, c in enumerate(captions)))
+    save_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles, captions)
 
 
 def update_readme(md, path="README.md"):
-    """Replaces the README's block between the reproduce markers with the fresh table."""
+    """Replaces the README's block between the reproduce markers with the fresh table, atomically:
+    a crash mid-write leaves the previous README, never a truncated one."""
     begin, end = "<!-- reproduce.py table: begin -->", "<!-- reproduce.py table: end -->"
     if not os.path.isfile(path):
         return
@@ -322,11 +349,16 @@ def update_readme(md, path="README.md"):
         text = f.read()
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        with open(path, "w") as f:
-            f.write(head + begin + "\n" + md + end + rest.split(end, 1)[1])
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(head + begin + "\n" + md + end + rest.split(end, 1)[1])
+        atomic_write(path, write)
 
 
 def report(args, runs, command):
+    """The summary of the finished runs: table1.json, table1.md, table1.png and fig1.png in --results
+    (and the README's table, for the built-in sweep); None while no run has finished."""
     results = [r for r in (read_result(args, run) for run in runs) if r]
     if not results:
         print("no finished runs to summarise yet")
@@ -341,6 +373,7 @@ def report(args, runs, command):
         f.write(md)
     plot(summary, os.path.join(args.results, "table1.png"))
     figure(args, args.seeds[0], os.path.join(args.results, "fig1.png"))
+    # Only the built-in sweep's numbers are the README's: another dataset's stay in its own --results.
     if os.path.normpath(args.results) == os.path.normpath("docs/results"):
         update_readme(md)
     print(md + f"\nwritten to {args.results}/ (table1.json, table1.md, table1.png, fig1.png)")
@@ -352,10 +385,13 @@ def report(args, runs, command):
 #################################################################################
 
 def main(argv=None):
+    """Plans the sweep, refuses to mix two sweeps' settings in one --out, trains and scores every run
+    that has not finished, then reports (--report: reports only)."""
     args = get_args(argv)
     command = "python reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runs = plan(args)
     os.makedirs(args.out, exist_ok=True)
+    # sweep.json pins the shared settings: runs made with other settings would be averaged together.
     settings_path = os.path.join(args.out, "sweep.json")
     if os.path.isfile(settings_path):
         with open(settings_path) as f:
@@ -366,6 +402,7 @@ def main(argv=None):
                              f"the same flags, or pass another --out")
     else:
         write_json(settings_path, sweep_settings(args))
+    # A run with a result.json is finished: the same command run again trains only the others.
     todo = [run for run in runs if read_result(args, run) is None]
     if not args.report and todo:
         from tqdm import tqdm
@@ -382,6 +419,8 @@ def main(argv=None):
             for run in todo:
                 done(run_one(run, args, threads))
         else:
+            # spawn, not fork: each worker starts a fresh interpreter, not a copy of this one's torch state (a
+            # forked child inherits its thread pool, and cannot initialise CUDA once the parent has).
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for future in as_completed([pool.submit(run_one, run, args, threads) for run in todo]):
                     done(future.result())  # a failed run raises here; its run.log says why

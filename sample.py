@@ -24,7 +24,7 @@ from tqdm import tqdm
 from data import ShapesDataset, prompt_adherence, read_jsonl
 from devices import autocast, distributed
 from dit import DiT, Diffusion, generate
-from files import MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main
+from files import MissingFile, UserError, check_ranges, file_digest, flag_error, load_checkpoint, run_main, write_arrays
 from pixels import save_grid, to_uint8
 from textok import TexTok, TextEncoder, pretrained_folder
 
@@ -47,6 +47,7 @@ def load_dit(path, device="cpu"):
     if "dit_meta" not in ckpt:
         raise UserError(f"{path} is not a DiT checkpoint (it has no 'dit_meta': a tokenizer's?); {fix}")
     model = DiT(DiT.config_from_dict(ckpt["config"]))
+    # The EMA weights: what train.py evaluated and exports, and what DiT and ADM sample from.
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval(), ckpt["dit_meta"]
 
@@ -92,6 +93,8 @@ UNSEEN_SEED = 12345  # built-in scenes of this seed are never trained on (runs u
 def builtin_class_captions(per_class=64, seed=UNSEEN_SEED):
     """Unseen captions per class for the built-in shapes: scenes from a seed no run trains on
     (training uses --seed, the held-out set --seed + 1)."""
+    # The class is the first object's shape (6 classes): 12 x per_class scenes give each class about
+    # 2 x per_class captions. Only captions are read, so the image size (8) never matters.
     data = ShapesDataset(per_class * 12, 8, seed=seed)
     out = {}
     for caption, label in zip(data.captions, data.labels):
@@ -104,6 +107,7 @@ def builtin_class_captions(per_class=64, seed=UNSEEN_SEED):
 #################################################################################
 
 def get_args(argv=None):
+    """The flags; a --steps the diffusion does not have, and sizes below 1, are refused here."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dit", default="out/dit/ckpt-latest.pt", help="DiT checkpoint (.pt) or exported folder")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the DiT was trained on)")
@@ -124,9 +128,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not 1 <= args.steps <= Diffusion().T:
         flag_error(p, f"--steps {args.steps}: must be in 1..{Diffusion().T} (the diffusion's steps)")
-    for k in ("per_row", "batch_size"):
-        if getattr(args, k) < 1:
-            flag_error(p, f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    check_ranges(p, args, at_least_1=("per_row", "batch_size"))
     return args
 
 
@@ -155,6 +157,9 @@ def plan_rows(args, meta, t2i, tok_text):
     bad = [c for c in classes if not 0 <= c < meta["num_classes"]]
     if bad:
         raise UserError(f"--class-id {bad[0]} is outside this DiT's classes 0..{meta['num_classes'] - 1}")
+    # The DiT never sees text here, but a text-conditioned detokenizer still needs a caption: the paper
+    # decodes each class-conditional sample with an unseen caption of its class, so no training
+    # caption leaks into the evaluation.
     if tok_text and args.class_captions is None and meta["data"] != "builtin":
         raise UserError("a class-conditional DiT on a text-conditioned tokenizer needs unseen captions per "
                         "class for decoding: pass --class-captions FILE.jsonl ({label, caption} lines)")
@@ -175,11 +180,7 @@ def write_npz(path, parts, every, t2i):
     for r, part in enumerate(parts):
         arr[r::world] = part
     extra = {"prompts": np.array([c[1] for c in every])} if t2i else {"labels": np.array([c[0] for c in every])}
-
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the name
-            np.savez(f, arr_0=arr, **extra)
-    atomic_write(path, write)
+    write_arrays(path, {"arr_0": arr, **extra})
     print(f"wrote {arr.shape[0]} images {arr.shape[1:]} uint8 to {path}")
 
 
@@ -190,6 +191,9 @@ def main(argv=None):
         tok = load_tokenizer(args.tokenizer or meta["tokenizer"], meta, device)
         t2i = dit.cfg.cond == "text"
         tok_text = tok.cfg.cond == "text" and tok.cfg.text_in != "none"  # the detokenizer reads a caption
+        # Prompts are encoded per batch, not cached as in training: the batch then goes through the DiT
+        # --steps times, doubled for the guidance, so one encoder pass is a small share of its cost.
+        # It is the encoder the DiT's caption cache was made with (meta), or the embeddings would not fit.
         encoder = TextEncoder(meta["text_encoder"], meta["text_len"], device) if t2i or tok_text else None
         labels, prompts, dec_captions, pool = plan_rows(args, meta, t2i, tok_text)
         rng = np.random.default_rng(args.seed)  # which unseen caption of its class a sample decodes with
@@ -222,12 +226,15 @@ def main(argv=None):
                 x = generate(dit, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.steps, args.sampler,
                              args.eta, g, device, amp)  # (b, 3, H, W)
                 images.append(to_uint8(x))
+            # A rank dealt no conditions (more ranks than samples) still hands all_gather an array.
             size = tok.cfg.image_size
             return np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
 
         out_dir = os.path.dirname(os.path.abspath(args.dit.rstrip("/")))  # next to the checkpoint or folder
         if args.num_samples > 0:
             # ---- an .npz of K images for eval_fid.py, the conditions dealt round-robin to the ranks ----
+            # ADM's format (arr_0, uint8 NHWC), so the ADM suite and eval_fid.py read the same file; FID is
+            # only comparable at one count (the paper: 50,000).
             every = conditions(-(-args.num_samples // len(labels)))[:args.num_samples]  # cycles through the rows evenly
             mine = draw(every[rank::world], args.seed * 1000 + rank)
             parts = [mine]

@@ -14,10 +14,15 @@ What a step does (losses following MAGVIT-v2 [49] and TiTok [50]; the DiT as DiT
                discriminator loss = hinge(real, fake) + LeCAM(real, fake)
     dit        cached latent tokens of the frozen tokenizer, noised at a random timestep -> the
                DiT predicts the noise (DDPM's epsilon loss), given a class or the caption
+
+Where the recipe comes from: TexTok is Zha et al., "Language-Guided Image Tokenization for
+Generation" (CVPR 2025; §, Table and Fig. numbers are its); [49] MAGVIT-v2 (Yu et al., ICLR 2024)
+and [50] TiTok (Yu et al., NeurIPS 2024) give the tokenizer's losses, discriminator and schedule;
+DiT (Peebles & Xie, ICCV 2023) and DDPM (Ho et al. 2020) the generation stage; nanoGPT the AdamW
+groups and the cosine schedule; ADM (Dhariwal & Nichol 2021) the flips and the sample .npz.
 """
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -30,14 +35,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import ShardedSampler, load_splits, prompt_adherence
-from devices import autocast, distributed, mean_across_ranks
+from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adherence
+from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import MissingFile, UserError, atomic_write, file_digest, flag_error, load_checkpoint, run_main, write_json
-from pixels import psnr, save_grid, ssim, to_uint8
+from files import (MissingFile, UserError, append_jsonl, atomic_write, check_ranges, claim_out, file_digest,
+                   flag_error, flag_text, json_digest, read_checkpoint, run_main, save_checkpoint, write_arrays,
+                   write_json)
+from pixels import plot_log, psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
+
+# Read this file top to bottom: the flags; the data and the frozen features computed from it once;
+# the optimisation recipe; Run, the machinery both stages share; then each stage as one story (data,
+# networks, the loop) with its evaluation. The run folder's guards (claim_out, read_checkpoint: never
+# replace a run, resume only a checkpoint that fits) are in files.py, with the other input checks.
 
 #################################################################################
 #                                     Flags                                     #
@@ -60,17 +72,15 @@ def get_args(argv=None):
     p.add_argument("--stage", default="tokenizer", choices=list(STAGE_DEFAULTS), help="what to train")
     p.add_argument("--out", default=None, help="folder for checkpoints, grids and the log (out/textok, out/dit)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt-latest.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run in an --out that holds one: its log starts over, its checkpoint and "
-                        "exported model are replaced as the new run saves (without it, such an --out is refused)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (else refused): "
+                   "a new log; its checkpoint and exported model are replaced as the new run saves")
     p.add_argument("--seed", type=int, default=0)
     # tokenizer (--stage tokenizer)
     p.add_argument("--model", default="TexTok-T", choices=list(TexTok_models))
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--num-tokens", type=int, default=1,
-                   help="N latent image tokens (paper: 32-256 at 256 px). Pixel values per latent number decide how "
-                        "tight the bottleneck is: 1 token at 32 px holds as many per number as the paper's 64 at 256 px")
+    p.add_argument("--num-tokens", type=int, default=1, help="N latent image tokens (paper: 32-256 at 256 px); 1 at "
+                   "32 px has as many pixel values per latent number (the bottleneck) as the paper's 64 at 256 px")
     p.add_argument("--token-dim", type=int, default=8, help="d channels per token (paper: 8)")
     p.add_argument("--text-in", default="both", choices=TEXT_IN, help="where the caption enters (Table 4d)")
     p.add_argument("--text-mode", default="in-context", choices=TEXT_MODES, help="how it enters (Table 4c)")
@@ -117,17 +127,15 @@ def get_args(argv=None):
     p.add_argument("--gan-weight", type=float, default=0.1, help="0 trains without the GAN")
     p.add_argument("--gan-loss", default="hinge", choices=["hinge", "non-saturating"])
     p.add_argument("--lecam-weight", type=float, default=0.001)
-    p.add_argument("--disc-start", type=int, default=20000,
-                   help="step at which the discriminator starts; late, as in TiTok/MAGVIT recipes: a GAN on "
-                        "blurry reconstructions only adds artifacts (the 1,000-step default never reaches it)")
+    p.add_argument("--disc-start", type=int, default=20000, help="the discriminator's first step: late, as in TiTok/"
+                   "MAGVIT (a GAN on blurry reconstructions adds artifacts); the 1,000-step default never reaches it")
     p.add_argument("--disc-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--disc-channel-base", type=int, default=1024, help="16384 gives the paper's ~24M D at 256 px")
     p.add_argument("--disc-channel-max", type=int, default=128, help="512 for the paper's D")
     # systems
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
-    p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                   help="autocast to bf16 or plain fp32 (default: bf16 on CUDA, fp32 on the CPU; bf16 on the CPU "
-                        "runs the GPU's mixed-precision code path, as the tests do)")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="bf16 autocast or plain fp32 (default: "
+                   "bf16 on CUDA, fp32 on the CPU; bf16 on the CPU runs the GPU's mixed-precision path, as tests do)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=None, help="held-out metrics and image grids")
     p.add_argument("--save-every", type=int, default=None, help="overwrite ckpt-latest.pt")
@@ -143,32 +151,31 @@ def get_args(argv=None):
 def check_args(p, args):
     """Values no run can use are refused here, before any data is read: one line naming the flag."""
     error = lambda message: flag_error(p, message)
-    flag = lambda k: f"--{k.replace('_', '-')} {getattr(args, k)}"
+    flag = lambda k: flag_text(args, k)
     if args.resume and args.overwrite:
         error("--resume continues the run in --out, --overwrite starts it over: pass one of them")
-    for k in ("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps", "batch_size",
-              "num_images", "val_images", "log_every", "eval_every", "save_every", "sample_steps"):
-        if getattr(args, k) < 1:
-            error(f"{flag(k)}: must be at least 1")
-    for k in ("warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr", "weight_decay", "l2_weight",
-              "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"):
-        if getattr(args, k) < 0:
-            error(f"{flag(k)}: must not be negative")
-    for k in ("lr", "disc_lr", "grad_clip"):
-        if getattr(args, k) is not None and getattr(args, k) <= 0:
-            error(f"{flag(k)}: must be positive")
-    for k in ("beta1", "beta2", "ema_decay"):
-        if not 0 <= getattr(args, k) < 1:
-            error(f"{flag(k)}: must be in [0, 1)")
+    check_ranges(p, args, at_least_1=("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps",
+                                      "batch_size", "num_images", "val_images", "log_every", "eval_every",
+                                      "save_every", "sample_steps"),
+                 not_negative=("warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr", "weight_decay",
+                               "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
+                 positive=("lr", "disc_lr", "grad_clip"), below_1=("beta1", "beta2", "ema_decay"))
     if args.min_lr > args.lr:
         error(f"{flag('min_lr')} is above {flag('lr')}: the schedule decays from --lr to --min-lr")
     if args.sample_steps > Diffusion().T:
         error(f"{flag('sample_steps')}: the diffusion has {Diffusion().T} steps")
     if args.stage == "tokenizer":
+        # The ViT cuts the image into whole patches; the StyleGAN2 discriminator halves it down to 4 x 4.
         if args.image_size % args.patch_size:
             error(f"{flag('image_size')} is not a multiple of {flag('patch_size')}")
-        if args.image_size < 8 or args.image_size & (args.image_size - 1):
+        if builds_discriminator(args) and (args.image_size < 8 or args.image_size & (args.image_size - 1)):
             error(f"{flag('image_size')}: the discriminator needs a power of two, at least 8")
+
+
+def builds_discriminator(args):
+    """Whether a tokenizer run builds the GAN's discriminator (with its optimizer and LeCAM anchors):
+    only a run that reaches --disc-start does."""
+    return args.gan_weight > 0 and args.disc_start < args.steps
 
 
 #################################################################################
@@ -186,58 +193,37 @@ def build_data(args, image_size, master):
     return train_set, val_set, hflip
 
 
-def computed_once(run, done, compute):
-    """Rank 0 runs compute() unless `done`, a cache's last-written file, exists; the others wait."""
-    if run.rank == 0 and not os.path.exists(done):
-        os.makedirs(run.args.cache_dir, exist_ok=True)
-        compute()
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def text_cache(run, captions, encoder_name, text_len):
     """Caption embeddings by the frozen text encoder (§3.2), computed once (house rule 8): fp16
     .npy, memory-mapped (a dataset larger than RAM works), keyed by encoder, length and captions."""
-    key = hashlib.sha256(json.dumps([encoder_name, text_len, captions]).encode()).hexdigest()[:16]
+    key = json_digest([encoder_name, text_len, captions])[:16]
     emb_path, mask_path = (os.path.join(run.args.cache_dir, f"text-{key}-{s}.npy") for s in ("emb", "mask"))
 
     def compute():
+        # fp16 halves the cache (T5-XL on ImageNet: 1.28M x 128 x 2048 values, 670 GB in fp16), hence the
+        # memory map; fetch_text casts each batch to fp32. The mask goes last: it is the file computed_once
+        # checks, so a cache cut off mid-write is computed again, never read half-written.
         emb, mask = TextEncoder(encoder_name, text_len, run.device).encode_all(captions)  # (n, Nt, Dt) fp16, (n, Nt)
-        for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):  # the mask last
-            def write(tmp, arr=arr):
-                with open(tmp, "wb") as f:  # a file, not a name: np.save would add ".npy" to the name
-                    np.save(f, arr)
-            atomic_write(path, write, shared=True)  # two runs may be filling one cache
-    computed_once(run, mask_path, compute)
+        for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):
+            write_arrays(path, arr, shared=True)  # two runs may be filling one cache
+    computed_once(run.rank, mask_path, compute)
     return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
 
 
 def caption_caches(run, train_set, val_set, encoder_name, text_len):
     """(training cache, held-out cache); the held-out one ends with the empty caption (row len(val_set))."""
+    # The empty caption is there for evaluate_tokenizer: decoding with it shows how much the caption is used.
     return (text_cache(run, train_set.captions, encoder_name, text_len),
             text_cache(run, val_set.captions + [""], encoder_name, text_len))
-
-
-def fetch_text(cache, idx, device, trim=False):
-    """Rows `idx` of a cache -> (embeddings (B, Nt, Dt) float32, mask (B, Nt) bool), or (None, None)
-    without one. trim=True drops the padding past the longest caption: exact (padded keys are masked
-    out of attention), a third less compute; off under torch.compile, which recompiles per length."""
-    if cache is None:
-        return None, None
-    order = np.asarray(idx)
-    emb, mask = np.ascontiguousarray(cache[0][order]), np.ascontiguousarray(cache[1][order])  # (B, Nt, Dt), (B, Nt)
-    if trim:
-        length = max(1, int(mask.sum(1).max()))
-        emb, mask = emb[:, :length], mask[:, :length]
-    return (torch.from_numpy(emb).to(device, non_blocking=True).float(),
-            torch.from_numpy(mask).to(device, non_blocking=True))
 
 
 @torch.no_grad()
 def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
     """The training set encoded once by the frozen tokenizer (posterior means, each image with its
     caption): fp32 (images, N, d), memory-mapped, and the per-channel mean and std of the latents."""
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    # Posterior means: DiT's own loop samples its VAE's posterior afresh each step, but a cache written
+    # once would freeze a single draw of that noise, so the deterministic mean is stored instead.
+    key = json_digest(key_parts)[:16]
     path, stats_path = (os.path.join(run.args.cache_dir, f"latents-{key}{s}") for s in (".npy", "-stats.json"))
     N, d = tok.cfg.num_tokens, tok.cfg.token_dim
     s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)  # sums of z and z^2
@@ -256,26 +242,14 @@ def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
 
     def compute():
         atomic_write(path, encode_into, shared=True)
+        # The DiT sees latents scaled to unit variance per channel, the scale DDPM's noise schedule
+        # assumes: what LDM's and DiT's constant 0.18215 does for SD-VAE latents, measured here.
         mean = s1 / (len(dataset) * N)
         std = (s2 / (len(dataset) * N) - mean ** 2).clamp_min(1e-12).sqrt()  # (d,): E[z^2] - E[z]^2, never 0
         write_json(stats_path, {"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)})  # last
-    computed_once(run, stats_path, compute)
+    computed_once(run.rank, stats_path, compute)
     with open(stats_path) as f:
         return np.load(path, mmap_mode="r"), json.load(f)
-
-
-class LatentSet(torch.utils.data.Dataset):
-    """The latent cache as a dataset whose item i is (latent tokens (N, d), i, label), the shape
-    of an image dataset's items, so that both stages batch through the same loader."""
-
-    def __init__(self, latents, labels):
-        self.latents, self.labels = latents, labels
-
-    def __len__(self):
-        return len(self.latents)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.latents[i])), i, (-1 if self.labels is None else self.labels[i])
 
 
 #################################################################################
@@ -316,117 +290,9 @@ def optimizer_step(opt, loss, params, lr, clip):
 def ema_update(ema_params, params, step, decay):
     """EMA of the weights, with the warm-up of TensorFlow's ExponentialMovingAverage(num_updates):
     early on the average forgets faster, so a short run's EMA is not dominated by the init."""
+    # lerp_(ema, p, w) is ema += w (p - ema), i.e. ema = (1 - w) ema + w p, for every tensor in one call.
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + step) / (10 + step)))
-
-
-#################################################################################
-#                      The run folder: checkpoints, log, curves                 #
-#################################################################################
-
-RUN_FILES = ("ckpt-latest.pt", "tokenizer", "dit")  # what a run leaves in its --out
-
-
-def claim_out(args, master):
-    """A fresh run never replaces one silently: an --out that holds a run needs --resume (continue
-    it) or --overwrite (start it over, with a new log)."""
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
-    if found and not (args.resume or args.overwrite):
-        raise UserError(f"{args.out} already holds a run ({os.path.join(args.out, found[0])}); pass --resume to "
-                        f"continue it, --overwrite to start it over, or another --out")
-    log_path = os.path.join(args.out, "log.jsonl")
-    if args.overwrite and master and os.path.exists(log_path):
-        os.remove(log_path)
-
-
-def cut_log(log_path, step):
-    """Drops the rows of log.jsonl past `step`: a resumed run replays the steps after its checkpoint
-    and logs them again. A last line cut off by a kill is dropped too."""
-    if not os.path.isfile(log_path):
-        return
-    keep = []
-    with open(log_path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-    atomic_write(log_path, write)
-
-
-def save_checkpoint(state, path):
-    """Atomic: a crash or a full disk mid-write leaves the previous checkpoint and no temp file.
-    Tensors and plain types only, so torch.load(weights_only=True) reads it (house rule 7)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:  # through a Python file, so that a full disk is an OSError(ENOSPC)
-            torch.save(state, f)
-    atomic_write(path, write)
-
-
-def read_checkpoint(path, args, device, master, config):
-    """The checkpoint to resume from, once it fits: its stage, its step, the model `config` describes
-    (one line, not a size mismatch per tensor). Warns of changed flags; cuts the log to its step."""
-    if not os.path.exists(path):
-        raise MissingFile(f"{path} not found; nothing to resume (drop --resume or fix --out)")
-    ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
-                           fix="start over with --overwrite instead of --resume, or fix --out")
-    if ckpt["args"].get("stage", "tokenizer") != args.stage:
-        raise UserError(f"{path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
-    if ckpt["step"] > args.steps:
-        raise UserError(f"{path} is at step {ckpt['step']}, past --steps {args.steps}; pass --steps "
-                        f"{ckpt['step']} or more to resume it")
-    differ = [k for k in config if ckpt["config"].get(k) != config[k]]
-    if differ:
-        saved = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)
-        now = ", ".join(f"{k}={config[k]!r}" for k in differ)
-        raise UserError(f"{path} holds a model with {saved}, but these flags build one with {now}; resume "
-                        f"with the flags it was trained with (see {os.path.join(args.out, 'args.json')}), or "
-                        f"start over with --overwrite or another --out")
-    free = ("resume", "overwrite", "steps", "eval_every", "save_every", "keep_every", "log_every", "num_workers")
-    changed = {k: (v, vars(args)[k]) for k, v in ckpt["args"].items() if k in vars(args) and vars(args)[k] != v
-               and k not in free}
-    if changed and master:
-        print(f"warning: resuming {path} with changed flags (saved, now): {changed}")
-    if master:
-        cut_log(os.path.join(args.out, "log.jsonl"), ckpt["step"])
-    return ckpt
-
-
-def plot_log(log_path, png_path):
-    """log.jsonl's loss terms and held-out scores (PSNR with three captions: their gaps are the caption's effect)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    rows = {}
-    with open(log_path) as f:
-        for line in f:  # one row per (step, kind); should a step appear twice, the last counts
-            r = json.loads(line)
-            rows[(r["step"], "eval" in r)] = r
-    train_rows = [r for (_, is_eval), r in sorted(rows.items()) if not is_eval]
-    evals = [{**r["eval"], "step": r["step"]} for (_, is_eval), r in sorted(rows.items()) if is_eval]
-    losses = [k for k in ("loss", "l2", "lpips", "g_adv", "d") if any(r.get(k) for r in train_rows)]
-    scores = [k for k in ("psnr", "psnr_other", "psnr_empty", "adherence") if any(k in r for r in evals)]
-    panels = [("loss", train_rows, losses)] + ([("held-out", evals, scores)] if scores else [])
-    names = {"psnr": "PSNR, own caption", "psnr_other": "PSNR, another image's caption",
-             "psnr_empty": "PSNR, empty caption", "adherence": "prompt adherence"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
-    for ax, (title, src, keys) in zip(axes[0], panels):
-        for k in keys:
-            ax.plot([r["step"] for r in src if k in r], [r[k] for r in src if k in r],
-                    marker="" if title == "loss" else "o", label=names.get(k, k))
-        if title == "loss":
-            ax.set_yscale("log")  # the terms span orders of magnitude
-        ax.set(xlabel="step", title=title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 #################################################################################
@@ -541,8 +407,7 @@ class Run:
         if self.step % args.eval_every == 0 or last:
             scores, grid, line = evaluate()
             self.bar.write(f"step {self.step}: {line}")
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps({"step": self.step, "eval": scores, "grid": grid}) + "\n")
+            append_jsonl(self.log_path, {"step": self.step, "eval": scores, "grid": grid})
         if self.step % args.save_every == 0 or last:
             self.checkpoint(self.ckpt_path)
         if args.keep_every and self.step % args.keep_every == 0:
@@ -560,8 +425,7 @@ class Run:
                "lr": lr_at(self.step - 1, self.args.lr, self.args), "img_per_s": rate}
         if self.master:
             self.bar.set_postfix(**{k: f"{row[k]:.4f}" for k in self.shown}, img_s=rate)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(self.log_path, row)
         self.sums, self.count, self.t0 = None, 0, time.time()
 
     def checkpoint(self, path):
@@ -614,9 +478,7 @@ def train_tokenizer(run):
                       text_encoder=args.text_encoder if use_text else "", init=args.init)
     torch.manual_seed(args.seed + run.rank)  # the inits, whether or not the caches were just computed
     model = TexTok(cfg)
-    # The discriminator, its optimizer and the LeCAM anchors exist only in a run that reaches
-    # --disc-start (late, as in TiTok/MAGVIT: a GAN on blurry reconstructions only adds artifacts).
-    gan = args.gan_weight > 0 and args.disc_start < args.steps
+    gan = builds_discriminator(args)
     parts, about_disc = {}, "no discriminator (--gan-weight 0, or --disc-start past --steps)"
     if gan:
         disc = Discriminator(args.image_size, args.disc_channel_base, args.disc_channel_max).to(device)
@@ -635,6 +497,8 @@ def train_tokenizer(run):
     for x, idx, lab in run.batches(train_set, args.num_workers):
         x, lab = x.to(device, non_blocking=True), lab.to(device, non_blocking=True)  # (B, 3, H, W), (B,)
         text, mask = fetch_text(train_text, idx, device, trim=not run.compile)  # (B, Nt, Dt), (B, Nt) or None
+        # Each draw is made for the global batch and sliced to this rank (run.mine), and the flips are
+        # drawn even with --no-hflip: step k draws the same numbers on any number of ranks, with any flags.
         g = run.draws()
         noise = run.mine(torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g))  # (B, N, d)
         flip = run.mine(torch.rand(args.batch_size, generator=g)) < 0.5  # (B,)
@@ -643,6 +507,7 @@ def train_tokenizer(run):
         adversarial = gan and run.step >= args.disc_start
 
         # -- the tokenizer's step: reconstruct through the posterior sample (noise fixes it) --
+        # TexTok §3.2 after MAGVIT-v2: L2 + LPIPS + a KL that only keeps the latent near N(0, I), + GAN once D starts.
         with run.autocast:
             recon, post = run.model(x, text, mask, lab, noise=noise)  # (B, 3, H, W), Posterior of (B, N, d)
             loss_lpips = lpips(recon, x).mean() if lpips is not None else zero
@@ -658,6 +523,7 @@ def train_tokenizer(run):
         grad_norm = run.optimize(loss)
 
         # -- the discriminator's step: real and fake in one batch, so one DDP forward/backward --
+        # LeCAM (Tseng et al. 2021) ties D's logits to moving averages, so D overfits less to data seen every epoch.
         loss_d = loss_lecam = zero
         if adversarial:
             with run.autocast:
@@ -680,6 +546,8 @@ def evaluate_tokenizer(run, val_set, val_text, rows_shown=8):
     layer); the grid of the first `rows_shown`. -> (scores, grid path, a line to print)."""
     args, device, ema = run.args, run.device, run.ema
     use_text, n = val_text is not None, len(val_set)
+    # The gap between PSNR with its own caption and with another or an empty one is what the caption
+    # contributes: the paper's premise is that it carries the semantics the N tokens then need not.
     # Which held-out caption row each image decodes with; n is the empty caption (caption_caches).
     captions = {"own": None, "other": lambda idx: [(i + 1) % n for i in idx], "empty": lambda idx: [n] * len(idx)}
     titles = {"own": "recon", "other": "next row's caption", "empty": "empty caption"}
@@ -749,13 +617,15 @@ def train_dit(run):
         train_text, val_text = caption_caches(run, train_set, val_set, encoder_name, tcfg.text_len)
 
     # ---- the latent tokens of every training image, encoded once (house rule 8) ----
-    data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set),
-                hashlib.sha256(json.dumps(train_set.captions).encode()).hexdigest()]
+    # Keyed by the tokenizer's weights and the exact training set: a retrained tokenizer, or other
+    # data, never reads another's latents.
+    data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set), json_digest(train_set.captions)]
     tok_digest = file_digest(tok_weights)  # keys the latent cache; sample.py checks it against the tokenizer it gets
     latents, stats = latent_cache(run, tok, train_set, train_text if tok_text else None, [tok_digest, data_key])
     mean, std = (torch.tensor(stats[k], device=device).float() for k in ("mean", "std"))  # (d,) each
 
     # ---- the DiT (Run adds its EMA and AdamW), and what it cannot be used without ----
+    # `meta` goes into the checkpoint and the exported folder: sample.py needs nothing else to generate.
     cfg = make_dit_config(args.dit_model, num_tokens=tcfg.num_tokens, token_dim=tcfg.token_dim, cond=cond,
                           num_classes=max(labels) + 1 if labels is not None else 1,
                           text_dim=train_text[0].shape[-1] if train_text is not None else 0, text_len=tcfg.text_len)
@@ -774,6 +644,8 @@ def train_dit(run):
         g = run.draws()  # t, eps and the condition dropout, as the tokenizer stage draws its noise
         t = run.mine(torch.randint(0, diffusion.T, (args.batch_size,), generator=g))  # (B,)
         noise = run.mine(torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g))  # (B, N, d)
+        # Classifier-free guidance (Ho & Salimans 2022), as DiT trains it: a tenth of the conditions is
+        # dropped to the null one, so the same network also learns the unconditional noise.
         drop = run.mine(torch.rand(args.batch_size, generator=g)) < cfg.dropout_prob  # (B,) for the guidance
         if cond == "class":
             kw = dict(y=y.to(device))  # (B,)
@@ -831,6 +703,7 @@ def main(argv=None):
     """`python train.py FLAGS` and each torchrun rank run this; reproduce.py calls it in-process."""
     args = get_args(argv)
     with distributed() as (rank, world, device):
+        # --batch-size is the global batch, as the paper's recipes state it; each rank takes an equal share.
         if args.batch_size % world:
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # house rule 6

@@ -153,3 +153,18 @@ def test_a_model_that_is_not_here_fails_at_once_naming_itself(folder, tmp_path, 
     with pytest.raises(FileNotFoundError, match=r"no vision-language model 'no-such/vlm' on the Hugging Face hub"):
         run(folder, tmp_path / "c.jsonl", "no-such/vlm")
     assert local_only and all(local_only)  # never a download attempt
+
+
+def test_a_damaged_caption_file_to_resume_or_merge_is_one_line_naming_the_line(folder, tmp_path):
+    # A hand-edited --out (or shard) is read by data.read_jsonl, as every caption file is: a bad
+    # line is named by file:line before any model is loaded, not a traceback.
+    from files import UserError
+    out = tmp_path / "c.jsonl"
+    out.write_text('{"file": "cats/0.png", "caption": "a cat"}\n{"file": "cats/1.png", caption: oops}\n')
+    with pytest.raises(UserError, match=rf"^{out}:2: not JSON .*; fix or delete that line"):
+        run(folder, out, "no-such/vlm")
+    shard = tmp_path / "c.jsonl.shard-0-of-1"
+    shard.write_bytes(b'{"caption": "no file here"}\n')
+    out.write_text("")
+    with pytest.raises(UserError, match=rf"^{shard}:1: no 'file'"):
+        caption.main([str(folder), "--out", str(out), "--merge"])

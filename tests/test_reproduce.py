@@ -64,6 +64,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypa
         assert ("psnr_other" in r) == (r["text_in"] != "none")
     for name in ("table1.md", "table1.png", "fig1.png"):
         assert (tmp_path / "res" / name).is_file()
+    assert (tmp_path / "res" / "fig1.txt").read_text().startswith("row 0: ")  # the rows' captions beside it
 
     # A finished sweep run again trains nothing.
     trained.clear()
@@ -94,3 +95,14 @@ def test_runs_on_a_captioned_folder(tmp_path):
     # Each run scored its own 2 held-out images: reconstructions against the originals, not the
     # originals against themselves (an rFID of 0).
     assert all(r["eval_images"] == 2 and r["rfid"] > 0 for r in out["runs"])
+
+
+def test_the_readme_table_is_replaced_in_place_and_never_left_half_written(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- reproduce.py table: begin -->\nold\n<!-- reproduce.py table: end -->\nafter\n")
+    reproduce.update_readme("| new |\n", str(readme))
+    new = "intro\n<!-- reproduce.py table: begin -->\n| new |\n<!-- reproduce.py table: end -->\nafter\n"
+    assert readme.read_text() == new
+    with pytest.raises(TypeError):  # a failure while the new text is written ...
+        reproduce.update_readme(None, str(readme))
+    assert readme.read_text() == new and os.listdir(tmp_path) == ["README.md"]  # ... leaves the README as it was

@@ -228,6 +228,7 @@ def test_resume_says_in_one_line_why_a_checkpoint_cannot_be_used(tmp_path):
     (["--beta2", "1"], "--beta2 1.0: must be in [0, 1)"),
     (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr 0.001"),
     (["--image-size", "30"], "--image-size 30 is not a multiple of --patch-size 8"),
+    (["--image-size", "24", "--disc-start", "500"], "--image-size 24: the discriminator needs a power of two"),
     (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite starts it over"),
 ])
 def test_flags_no_run_can_use_are_refused_before_any_work(flags, says, capsys):
@@ -235,6 +236,12 @@ def test_flags_no_run_can_use_are_refused_before_any_work(flags, says, capsys):
         train.get_args(flags)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and f"error: {says}" in err
+
+
+def test_an_image_size_that_is_no_power_of_two_is_accepted_when_no_discriminator_is_built():
+    # The discriminator needs a power of two; a run that never reaches --disc-start builds none.
+    assert train.get_args(["--image-size", "24"]).image_size == 24  # --disc-start 20000 > --steps 1000
+    assert train.get_args(["--image-size", "24", "--disc-start", "500", "--gan-weight", "0"]).image_size == 24
 
 
 def test_a_folder_of_three_images_holds_one_out_and_reaches_a_checkpoint(tmp_path):
