@@ -274,6 +274,7 @@ def json_digest(obj) -> str:
     named by it, so a change to any of its parts (captions, encoder, weights) misses the cache."""
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
+
 #################################################################################
 #          A training run's folder: never replaced, resumed if it fits          #
 #################################################################################
