@@ -129,6 +129,11 @@ def get_args(argv=None):
     if not 1 <= args.steps <= Diffusion().T:
         flag_error(p, f"--steps {args.steps}: must be in 1..{Diffusion().T} (the diffusion's steps)")
     check_ranges(p, args, at_least_1=("per_row", "batch_size"))
+    # Checked before any sampling: a wrong suffix would otherwise surface only when the file is written.
+    suffixes = (".npz",) if args.num_samples > 0 else (".png", ".jpg", ".jpeg")
+    if args.out and not args.out.lower().endswith(suffixes):
+        what = "--num-samples writes an .npz" if args.num_samples > 0 else "the grid is a .png or .jpg"
+        flag_error(p, f"--out {args.out}: {what}; end the path with {suffixes[0]}")
     return args
 
 

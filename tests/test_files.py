@@ -26,6 +26,9 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path, argv, says):
 @pytest.mark.parametrize("script, flags, says", [
     ("sample", ["--steps", "0"], "--steps 0: must be in 1..1000"),  # the sampler's traceback before
     ("sample", ["--per-row", "0"], "--per-row 0: must be at least 1"),
+    # PIL's "unknown file extension" traceback after all the sampling before
+    ("sample", ["--out", "grids/run1"], "--out grids/run1: the grid is a .png or .jpg; end the path with .png"),
+    ("sample", ["--num-samples", "8", "--out", "s.png"], "--out s.png: --num-samples writes an .npz; end the path with .npz"),
     ("eval_fid", ["--batch-size", "0", "gen", "s.npz", "r.npz"], "--batch-size 0: must be at least 1"),
     ("eval_fid", ["gen", "s.npz", "r.npz", "--k", "0"], "--k 0: must be at least 1"),
     ("caption", ["images", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
