@@ -7,6 +7,7 @@ line that names it and the fix. It imports nothing of the project, so any file c
                      flag value: flag_error, and check_ranges for the usual ranges)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
+                     (write_json, write_jsonl, write_text, write_arrays: the usual formats through it)
     append_jsonl     a row at the end of a log; truncate_log cuts a log back to a checkpoint's step
     save_checkpoint  a checkpoint, atomically; load_checkpoint reads it back, or says in one line
                      what the file is instead
@@ -119,6 +120,14 @@ def write_json(path: str, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def write_text(path: str, text: str) -> None:
+    """A text file (a table, a README), written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
     atomic_write(path, write)
 
 

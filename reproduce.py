@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
-from files import UserError, atomic_write, run_main, write_json
+from files import UserError, run_main, write_json, write_text
 
 VARIANTS = ("none", "tokenizer", "detokenizer", "both")  # Table 4d's rows, in its order
 # What every run reports on its held-out images: the rFID of Table 1, and the pixel metrics beside it.
@@ -298,7 +298,7 @@ def plot(summary, path):
             rows = [r for r in summary if r["text_in"] == v]
             ax.errorbar([r["num_tokens"] for r in rows], [r[k] for r in rows], yerr=[r[f"{k}_std"] for r in rows],
                         label=name, color=color, marker="o", capsize=3)
-        ax.set_xscale("log", base=2)  # the token counts double from one to the next
+        ax.set_xscale("log", base=2)  # the paper's token counts double from one to the next
         ax.set_xticks([r["num_tokens"] for r in summary if r["text_in"] == "none"])
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.minorticks_off()
@@ -349,11 +349,7 @@ def update_readme(md, path="README.md"):
         text = f.read()
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.write(head + begin + "\n" + md + end + rest.split(end, 1)[1])
-        atomic_write(path, write)
+        write_text(path, head + begin + "\n" + md + end + rest.split(end, 1)[1])
 
 
 def report(args, runs, command):
@@ -369,8 +365,7 @@ def report(args, runs, command):
     md = markdown(summary, args, minutes)
     out = {"command": command, "settings": sweep_settings(args), "seeds": args.seeds, "runs": results, "summary": summary}
     write_json(os.path.join(args.results, "table1.json"), out)
-    with open(os.path.join(args.results, "table1.md"), "w") as f:
-        f.write(md)
+    write_text(os.path.join(args.results, "table1.md"), md)
     plot(summary, os.path.join(args.results, "table1.png"))
     figure(args, args.seeds[0], os.path.join(args.results, "fig1.png"))
     # Only the built-in sweep's numbers are the README's: another dataset's stay in its own --results.

@@ -97,12 +97,16 @@ def test_runs_on_a_captioned_folder(tmp_path):
     assert all(r["eval_images"] == 2 and r["rfid"] > 0 for r in out["runs"])
 
 
-def test_the_readme_table_is_replaced_in_place_and_never_left_half_written(tmp_path):
+def test_the_readme_table_is_replaced_in_place_and_never_left_half_written(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- reproduce.py table: begin -->\nold\n<!-- reproduce.py table: end -->\nafter\n")
     reproduce.update_readme("| new |\n", str(readme))
     new = "intro\n<!-- reproduce.py table: begin -->\n| new |\n<!-- reproduce.py table: end -->\nafter\n"
     assert readme.read_text() == new
-    with pytest.raises(TypeError):  # a failure while the new text is written ...
-        reproduce.update_readme(None, str(readme))
+
+    def crash(fd):
+        raise OSError("the machine went down mid-write")
+    monkeypatch.setattr(os, "fsync", crash)  # a failure after the new text is written, before it is renamed ...
+    with pytest.raises(OSError):
+        reproduce.update_readme("| newer |\n", str(readme))
     assert readme.read_text() == new and os.listdir(tmp_path) == ["README.md"]  # ... leaves the README as it was
