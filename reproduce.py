@@ -282,7 +282,8 @@ def markdown(summary, args, minutes):
     lines += ["", f"Mean ± standard deviation over {seeds} seed(s); gains are TexTok against the baseline of the same "
                   f"seed. {args.model}, {args.image_size} px, patch {args.patch_size}, {args.steps} steps of batch "
                   f"{args.batch_size}, LPIPS weight {args.lpips_weight}; {args.eval_images} held-out images per run (rFID "
-                  f"at this count is not comparable with 50k-image numbers). {hw}: {minutes:.0f} minutes of training in all."]
+                  f"at this count is not comparable with 50k-image numbers). {hw}: {minutes:.0f} minutes in train.py, "
+                  f"summed over the runs (a resumed run counts from its last resume)."]
     return "\n".join(lines) + "\n"
 
 
