@@ -445,6 +445,13 @@ class Split(torch.utils.data.Dataset):
         return image, k, label
 
 
+def spread_sample(dataset, n: int):
+    """`n` items spread evenly over `dataset` (all of it if smaller): the training images an evaluation
+    scores beside the held-out ones. Evenly, not the first n: a folder's files are sorted, so its first
+    ones are alike (the same class, or the same kind of name)."""
+    return Split(dataset, np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int))
+
+
 def load_splits(data: str = "builtin", captions: str = None, image_size: int = 32, seed: int = 0,
                 num_images: int = 4096, val_images: int = 256, skip_bad: bool = False, progress: bool = True):
     """

@@ -459,6 +459,29 @@ def evaluate_reconstruction(tok, dataset, inception, text_encoder=None, batch_si
     return results
 
 
+def run_args(tokenizer):
+    """The flags of the run that trained `tokenizer` (its <out>/args.json, beside <out>/tokenizer/), or {}."""
+    path = os.path.join(os.path.dirname(os.path.abspath(tokenizer.rstrip("/"))), "args.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def training_images(tokenizer, image_size, count):
+    """`count` images the tokenizer trained on, spread over its run's training split, and a sentence
+    saying which: the caption tests there, beside the held-out ones, show whether the caption is read
+    (it helps on both) or recognised (it helps on training images only)."""
+    from data import load_splits, spread_sample
+    run = run_args(tokenizer)
+    if not run:
+        raise UserError(f"--train-images needs the training run's args.json beside {tokenizer}, to know its data")
+    train_set, _ = load_splits(run["data"], run.get("captions"), image_size, run["seed"], run["num_images"],
+                               run["val_images"], run.get("skip_bad", False), progress=False)
+    seen = spread_sample(train_set, count)
+    return seen, f"{len(seen)} of the {len(train_set)} images the tokenizer trained on (spread over its training split)"
+
+
 def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, num_images=None, files=None):
     """
     The images `recon` scores, and a sentence saying which they are. By default the held-out
@@ -467,11 +490,7 @@ def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, 
     one path relative to the folder per line) scores exactly those images instead.
     """
     from data import CaptionedImages, ShapesDataset, Split, load_splits
-    run = {}
-    args_path = os.path.join(os.path.dirname(os.path.abspath(tokenizer.rstrip("/"))), "args.json")
-    if os.path.isfile(args_path):
-        with open(args_path) as f:
-            run = json.load(f)
+    run = run_args(tokenizer)
     data = data or run.get("data", "builtin")
     # The run's caption file goes with the run's own data only; another --data needs its own --captions.
     captions = captions or (run.get("captions") if data == run.get("data") else None)
@@ -535,9 +554,12 @@ def get_args(argv=None):
                                                  "--data) per line")
     r.add_argument("--other-captions", action="store_true", help="also evaluate with the next image's caption")
     r.add_argument("--empty-captions", action="store_true", help="also evaluate with empty captions")
+    r.add_argument("--train-images", type=int, default=0, help="also score this many of the images the tokenizer "
+                   "trained on (with --other-captions / --empty-captions too): is the caption worth as much there?")
     r.add_argument("--no-lpips", action="store_true")
     args = p.parse_args(argv)
-    check_ranges(p, args, at_least_1=("batch_size", "k") if args.command == "gen" else ("batch_size",))
+    check_ranges(p, args, at_least_1=("batch_size", "k") if args.command == "gen" else ("batch_size",),
+                 not_negative=("train_images",) if args.command == "recon" else ())
     return args
 
 
@@ -592,6 +614,11 @@ def reconstruction_report(args):
     results["images"] = which
     if hasattr(data, "indices"):  # a folder: the scored files, by name
         results["files"] = [data.dataset.files[i] for i in data.indices]
+    if args.train_images:  # PSNR only: rFID's Inception pass would double the cost for a pixel-level question
+        seen, which = training_images(args.tokenizer, cfg.image_size, args.train_images)
+        print(f"and, for comparison, {which}")
+        results["training images"] = {**evaluate_reconstruction(tok, seen, None, encoder, args.batch_size, tests, lpips,
+                                                                device), "images": which}
     return results
 
 

@@ -143,13 +143,13 @@ _eval_tools = {}  # per worker process: the Inception, LPIPS and text encoders, 
 def evaluate_run(folder, args, seed):
     """Held-out metrics of a trained run: eval_fid.py's reconstruction metrics with each image's
     own caption (rFID too), and PSNR with the next image's caption and with an empty one."""
-    from data import load_splits
+    from data import load_splits, spread_sample
     from eval_fid import Inception, Stats, evaluate_reconstruction
     from textok import LPIPS, TexTok, TextEncoder
     # The EMA weights train.py exported, on the held-out split train.py kept out of training.
     tok = TexTok.from_pretrained(os.path.join(folder, "tokenizer")).eval()
-    _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
-                              args.skip_bad, progress=False)
+    train_set, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images,
+                                      args.eval_images, args.skip_bad, progress=False)
     # The networks are loaded once per worker process and kept: every run is scored by the same ones.
     if "inception" not in _eval_tools:
         _eval_tools.update(inception=Inception(), lpips=LPIPS.load())
@@ -164,6 +164,13 @@ def evaluate_run(folder, args, seed):
     if encoder is not None:  # the caption tests: PSNR only (no Inception), so they cost little
         tests = evaluate_reconstruction(tok, held_out, None, encoder, 64, ("other", "empty"))
         result.update(psnr_other=tests["other captions"]["psnr"], psnr_empty=tests["empty captions"]["psnr"])
+    # The same tests on as many images the run trained on: a caption worth more there than on held-out
+    # images is one the detokenizer has learnt to recognise ("this caption, this picture"), not to read.
+    seen = spread_sample(train_set, args.eval_images)
+    tests = evaluate_reconstruction(tok, seen, None, encoder, 64, ("other", "empty"))
+    result["train_psnr"] = tests["captions"]["psnr"]
+    if encoder is not None:
+        result.update(train_psnr_other=tests["other captions"]["psnr"], train_psnr_empty=tests["empty captions"]["psnr"])
     return result
 
 

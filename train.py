@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adherence
+from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adherence, spread_sample
 from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
@@ -90,6 +90,8 @@ def get_args(argv=None):
     p.add_argument("--text-encoder", default="minilm",
                    help="minilm (offline), t5-xl (paper, 256 px), t5-xxl (512 px), a hub name or a local folder")
     p.add_argument("--text-len", type=int, default=64, help="text tokens per caption (paper: 128)")
+    p.add_argument("--text-drop", type=float, default=0.0, help="share of training images given the empty caption "
+                   "instead of their own, so the tokens must carry the image without it (0: never, 1: always)")
     # DiT (--stage dit)
     p.add_argument("--tokenizer", default="out/textok/tokenizer", help="trained tokenizer folder (train.py writes one)")
     p.add_argument("--dit-model", default="DiT-T", choices=list(DiT_models))
@@ -160,6 +162,8 @@ def check_args(p, args):
                  not_negative=("warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr", "weight_decay",
                                "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
                  positive=("lr", "disc_lr", "grad_clip"), below_1=("beta1", "beta2", "ema_decay"))
+    if not 0 <= args.text_drop <= 1:
+        error(f"{flag('text_drop')} is a share of the images: give a value in [0, 1]")
     if args.min_lr > args.lr:
         error(f"{flag('min_lr')} is above {flag('lr')}: the schedule decays from --lr to --min-lr")
     if args.sample_steps > Diffusion().T:
@@ -492,6 +496,8 @@ def train_tokenizer(run):
     if gan:  # the critic of the tokenizer's adversarial term needs no DDP: D is frozen there
         critic, disc_ddp = run.wrap(disc)
     zero = torch.zeros((), device=device)  # the terms a step without LPIPS or the GAN logs
+    if use_text:  # the empty caption, the last row of the held-out cache (caption_caches)
+        empty_text, empty_mask = fetch_text(val_text, [len(val_set)], device)  # (1, Nt, Dt), (1, Nt)
 
     # ---- the loop ----
     for x, idx, lab in run.batches(train_set, args.num_workers):
@@ -504,6 +510,14 @@ def train_tokenizer(run):
         flip = run.mine(torch.rand(args.batch_size, generator=g)) < 0.5  # (B,)
         if hflip:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if use_text and args.text_drop > 0:
+            # Caption dropout, as text-to-image models train for guidance: an image given the empty caption
+            # must pass through its tokens alone, so the tokens cannot leave to the caption what a new
+            # image's caption will not say. Drawn after the others: --text-drop 0 is the plain run exactly.
+            drop = run.mine(torch.rand(args.batch_size, generator=g)) < args.text_drop  # (B,)
+            L = text.shape[1]  # trimmed to the batch's longest caption, never shorter than the empty one
+            text = torch.where(drop[:, None, None], empty_text[:, :L], text)  # (B, L, Dt)
+            mask = torch.where(drop[:, None], empty_mask[:, :L], mask)  # (B, L)
         adversarial = gan and run.step >= args.disc_start
 
         # -- the tokenizer's step: reconstruct through the posterior sample (noise fixes it) --
@@ -535,45 +549,64 @@ def train_tokenizer(run):
 
         run.end_step(dict(loss=loss, l2=loss_l2, lpips=loss_lpips, kl=loss_kl, g_adv=loss_g, d=loss_d,
                           lecam=loss_lecam, grad_norm=grad_norm),
-                     evaluate=lambda: evaluate_tokenizer(run, val_set, val_text))
+                     evaluate=lambda: evaluate_tokenizer(run, val_set, val_text, train_set, train_text))
     run.finish("tokenizer", run.ema.save_pretrained, "recon")
 
 
 @torch.no_grad()
-def evaluate_tokenizer(run, val_set, val_text, rows_shown=8):
+def decode_with_captions(run, dataset, text, rows, empty, batch_size=64):
+    """Per batch of `dataset`: (images, {"own" | "other" | "empty": the EMA tokenizer's reconstruction
+    (posterior mean) with each image's own caption, the next image's, the empty one}, own captions).
+    `text` is a caption cache (None: no caption to change) and `rows[k]` the row of item k's caption;
+    `empty` the empty caption, (1, Nt, Dt) and (1, Nt). What the caption adds is own against the others."""
+    n = len(dataset)
+    for x, idx, lab in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0):
+        x, lab = x.to(run.device), lab.to(run.device)
+        own = fetch_text(text, [rows[k] for k in idx.tolist()], run.device, trim=not run.compile)  # (b, Nt, Dt), (b, Nt)
+        captions = {"own": own}
+        if text is not None:
+            # "other": a real caption of this data that just does not describe this image.
+            captions["other"] = fetch_text(text, [rows[(k + 1) % n] for k in idx.tolist()], run.device,
+                                           trim=not run.compile)
+            captions["empty"] = (empty[0].expand(len(idx), -1, -1), empty[1].expand(len(idx), -1))
+        recon = {}
+        for name, (t, m) in captions.items():
+            with run.autocast:
+                recon[name] = run.ema(x, t, m, lab, sample=False)[0].float()  # (b, 3, H, W)
+        yield x, lab, recon, own
+
+
+@torch.no_grad()
+def evaluate_tokenizer(run, val_set, val_text, train_set, train_text, rows_shown=8):
     """The EMA tokenizer on the held-out images: PSNR/SSIM with each one's caption, and how much the
     caption is used (PSNR with the next image's caption and an empty one; the attention it gets, per
-    layer); the grid of the first `rows_shown`. -> (scores, grid path, a line to print)."""
-    args, device, ema = run.args, run.device, run.ema
-    use_text, n = val_text is not None, len(val_set)
-    # The gap between PSNR with its own caption and with another or an empty one is what the caption
-    # contributes: the paper's premise is that it carries the semantics the N tokens then need not.
-    # Which held-out caption row each image decodes with; n is the empty caption (caption_caches).
-    captions = {"own": None, "other": lambda idx: [(i + 1) % n for i in idx], "empty": lambda idx: [n] * len(idx)}
+    layer); the same PSNRs on as many training images; the grid of the first `rows_shown` held-out
+    images. -> (scores, grid path, a line to print)."""
+    args, ema = run.args, run.ema
+    use_text = val_text is not None
+    # The empty caption is the held-out cache's last row (caption_caches), hence len(val_set) held-out images.
+    empty = fetch_text(val_text, [len(val_set)], run.device, trim=not run.compile) if use_text else None
+    scores = {k: [] for k in ("psnr", "ssim", "psnr_other", "psnr_empty",
+                              "train_psnr", "train_psnr_other", "train_psnr_empty")}
     titles = {"own": "recon", "other": "next row's caption", "empty": "empty caption"}
-    scores = {"psnr": [], "ssim": [], "psnr_other": [], "psnr_empty": []}
     grid = attention = None
-    for x, idx, lab in torch.utils.data.DataLoader(val_set, batch_size=64, num_workers=0):
-        x, lab = x.to(device), lab.to(device)
-        recon = {}
-        for name, rows in captions.items():
-            if rows and not use_text:
-                break  # no caption to change
-            text, mask = fetch_text(val_text, rows(idx.tolist()) if rows else idx, device, trim=not run.compile)
-            with run.autocast:
-                recon[name] = ema(x, text, mask, lab, sample=False)[0].float()  # (b, 3, H, W), the posterior mean
-            if attention is None and use_text and args.text_mode == "in-context":
-                attention = ema.text_attention(x, text, mask, lab)  # own captions, first batch
-        scores["psnr"].append(psnr(recon["own"], x))
+    for x, lab, recon, (text, mask) in decode_with_captions(run, val_set, val_text, range(len(val_set)), empty):
         scores["ssim"].append(ssim(recon["own"], x))
-        for name in ("other", "empty"):
-            if name in recon:
-                scores[f"psnr_{name}"].append(psnr(recon[name], x))
+        for name, r in recon.items():
+            scores["psnr" + ("" if name == "own" else f"_{name}")].append(psnr(r, x))
+        if attention is None and use_text and args.text_mode == "in-context":
+            attention = ema.text_attention(x, text, mask, lab)  # own captions, first batch
         if grid is None:
             x8, own8 = x[:rows_shown], recon["own"][:rows_shown]
             err = ((own8 - x8).abs().mean(1, keepdim=True) * 2).clamp(0, 1).expand_as(x8) * 2 - 1  # 4|x - x^| in [0, 1]
             grid = [torch.stack(r) for r in zip(x8, *(v[:rows_shown] for v in recon.values()), err)]  # (cols, 3, H, W)
             grid_titles = ["input", *(titles[k] for k in recon), "|error| x4"]
+    # The same on training images: a caption worth more there than on held-out images is one the model has
+    # learnt to recognise ("this caption, this picture"), which a new image's caption cannot be.
+    seen = spread_sample(train_set, len(val_set))
+    for x, lab, recon, _ in decode_with_captions(run, seen, train_text, seen.indices, empty):
+        for name, r in recon.items():
+            scores["train_psnr" + ("" if name == "own" else f"_{name}")].append(psnr(r, x))
     out = {k: torch.cat(v).mean().item() for k, v in scores.items() if v}
     if attention is not None:
         out["text_attention"] = {k: [round(a, 4) for a in v] for k, v in attention.items()}
@@ -583,7 +616,9 @@ def evaluate_tokenizer(run, val_set, val_text, rows_shown=8):
     if use_text:
         line += (f" | with another image's caption {out['psnr_other']:.2f} dB, with an empty caption "
                  f"{out['psnr_empty']:.2f} dB")
-    line += f" | grid {path}"
+    line += f" | grid {path}\n  training images: PSNR {out['train_psnr']:.2f} dB"
+    if use_text:
+        line += f", with another's caption {out['train_psnr_other']:.2f}, with an empty one {out['train_psnr_empty']:.2f}"
     if "text_attention" in out:
         line += "\n  attention to the caption per layer: " + ", ".join(
             f"{part} " + " ".join(f"{100 * a:.0f}%" for a in shares) for part, shares in out["text_attention"].items())

@@ -95,6 +95,9 @@ def test_runs_on_a_captioned_folder(tmp_path):
     # Each run scored its own 2 held-out images: reconstructions against the originals, not the
     # originals against themselves (an rFID of 0).
     assert all(r["eval_images"] == 2 and r["rfid"] > 0 for r in out["runs"])
+    # ... and as many training images, with the caption tests where there is a caption (issue 24).
+    assert all({"train_psnr", "train_psnr_other", "train_psnr_empty"} <= set(r) for r in out["runs"]
+               if r["text_in"] == "both")
 
 
 def test_the_readme_table_is_replaced_in_place_and_never_left_half_written(tmp_path, monkeypatch):

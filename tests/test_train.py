@@ -161,7 +161,61 @@ def test_every_evaluation_measures_how_much_the_caption_is_used(tmp_path):
     # The no-text baseline has no caption to change: only its own PSNR.
     train.main(tiny_args(tmp_path / "base", tmp_path / "cache", "--steps", "2", "--eval-every", "2", "--text-in", "none"))
     with open(tmp_path / "base" / "log.jsonl") as f:
-        assert set([r for r in map(json.loads, f) if "eval" in r][-1]["eval"]) == {"psnr", "ssim"}
+        assert set([r for r in map(json.loads, f) if "eval" in r][-1]["eval"]) == {"psnr", "ssim", "train_psnr"}
+
+
+def test_every_evaluation_also_scores_the_caption_on_training_images(tmp_path):
+    # Issue 24: a caption that helps on training images and not on held-out ones is recognised, not
+    # read. The evaluation says which by scoring both, and eval_fid.py recon --train-images agrees.
+    import eval_fid
+    root, caps = captioned_folder(tmp_path, 40, lambda i: (6 * i, 250 - 6 * i, 40 * (i % 3)),
+                                  lambda i: f"a {('red', 'green', 'blue')[i % 3]} square number {i}")
+    out = tmp_path / "run"
+    train.main(["--data", str(root), "--captions", str(caps), "--image-size", "16", "--patch-size", "4",
+                "--num-tokens", "1", "--text-len", "16", "--batch-size", "4", "--steps", "2", "--val-images", "4",
+                "--num-workers", "0", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    with open(out / "log.jsonl") as f:
+        ev = [r for r in map(json.loads, f) if "eval" in r][-1]["eval"]
+    assert {"train_psnr", "train_psnr_other", "train_psnr_empty"} <= set(ev)
+    res = eval_fid.main(["--batch-size", "4", "recon", "--tokenizer", str(out / "tokenizer"), "--no-lpips",
+                         "--train-images", "4", "--other-captions", "--empty-captions"])
+    seen = res["training images"]
+    assert seen["num_images"] == 4 and "of the 36 images the tokenizer trained on" in seen["images"]
+    # The same 4 training images (spread over the split) and captions: the cache is fp16, the recon fresh.
+    for key, name in (("train_psnr", "captions"), ("train_psnr_other", "other captions"),
+                      ("train_psnr_empty", "empty captions")):
+        assert seen[name]["psnr"] == pytest.approx(ev[key], abs=0.05)
+    assert res["captions"]["psnr"] == pytest.approx(ev["psnr"], abs=0.05)  # and held-out beside it
+
+
+def test_text_drop_one_trains_without_the_captions_and_zero_is_the_plain_run(tmp_path):
+    # Two caption files for the same 20 images that differ on every training image (the held-out ones,
+    # whose cache holds the empty caption, are the same), with captions of the same token lengths.
+    root, caps = captioned_folder(tmp_path, 20, lambda i: (12 * i, 60, 200 - 8 * i), lambda i: f"a red square {i}")
+    flags = ["--data", str(root), "--image-size", "16", "--patch-size", "4", "--num-tokens", "2", "--text-len", "16",
+             "--batch-size", "4", "--steps", "3", "--val-images", "2", "--num-workers", "0", "--eval-every", "1000",
+             "--cache-dir", str(tmp_path / "cache")]
+    _, val_set, _ = train.build_data(train.get_args(flags + ["--captions", str(caps)]), 16, master=False)
+    held_out = {val_set.dataset.files[i] for i in val_set.indices}
+    lines = [json.loads(line) for line in caps.read_text().splitlines()]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "caption": r["caption"] if r["file"] in held_out else
+                                         r["caption"].replace("red square", "blue circle")}) + "\n" for r in lines))
+
+    def weights(name, captions, *extra):
+        train.main(flags + ["--captions", str(captions), "--out", str(tmp_path / name), *extra])
+        return load(tmp_path / name)["model"]
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    # At 1.0 every training image gets the empty caption: what the captions say never reaches the weights.
+    assert same(weights("drop-a", caps, "--text-drop", "1"), weights("drop-b", other, "--text-drop", "1"))
+    plain = weights("plain", caps)
+    assert not same(plain, weights("plain-other", other))  # ... as it does without dropout
+    # At 0 it is the plain run, bit for bit (its draw comes after every other draw of the step).
+    assert same(plain, weights("zero", caps, "--text-drop", "0"))
+    assert not same(plain, weights("half", caps, "--text-drop", "0.5"))
 
 
 def test_a_run_is_never_replaced_silently_and_logs_each_step_once(tmp_path, monkeypatch):
