@@ -237,8 +237,12 @@ def summarise(runs):
     summary = []
     for (n, v), rs in sorted(rows.items(), key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
         row = {"num_tokens": n, "text_in": v, "seeds": sorted(r["seed"] for r in rs)}
-        for k in (*METRICS, "psnr_other", "psnr_empty", "attention_tokenizer", "attention_detokenizer"):
+        for k in (*METRICS, "psnr_other", "psnr_empty", "attention_tokenizer", "attention_detokenizer",
+                  "train_psnr", "train_psnr_other", "train_psnr_empty"):
             row[k], row[f"{k}_std"] = mean_std([r.get(k) for r in rs])
+        # What the caption is worth (own against the next image's), on held-out and on training images.
+        for k, own, other in (("worth", "psnr", "psnr_other"), ("train_worth", "train_psnr", "train_psnr_other")):
+            row[k], row[f"{k}_std"] = mean_std([r[own] - r[other] for r in rs if r.get(other) is not None])
         if v != "none" and (n, "none") in rows:
             # Paired by seed: what the two runs of a seed share (data order, init) cancels, so the spread
             # left is that of the caption's effect, not of the seeds.
@@ -246,6 +250,8 @@ def summarise(runs):
             paired = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
             row["rfid_gain"], row["rfid_gain_std"] = mean_std([100 * (b["rfid"] - t["rfid"]) / b["rfid"] for t, b in paired])
             row["psnr_gain"], row["psnr_gain_std"] = mean_std([t["psnr"] - b["psnr"] for t, b in paired])
+            row["train_psnr_gain"], row["train_psnr_gain_std"] = mean_std(
+                [t["train_psnr"] - b["train_psnr"] for t, b in paired if "train_psnr" in t and "train_psnr" in b])
         summary.append(row)
     return summary
 
@@ -284,6 +290,15 @@ def markdown(summary, args, minutes):
     lines += [f"| {r['num_tokens']} | {r['text_in']} | {fmt(r, 'psnr', 2)} | {fmt(r, 'psnr_other', 2)} | "
               f"{fmt(r, 'psnr_empty', 2)} | {pct(r, 'attention_tokenizer')} | {pct(r, 'attention_detokenizer')} |"
               for r in summary if r["text_in"] != "none"]
+    seen = [r for r in summary if r["text_in"] != "none" and r.get("train_worth") is not None]
+    if seen:  # runs from before the training-image tests have no such numbers
+        lines += ["", "The caption on images the tokenizer trained on, against held-out images (as many of each): a "
+                      "caption worth more on training images is recognised (\"this caption, this picture\") more "
+                      "than read:", "",
+                  "| # tokens | text in | gain over the baseline, held-out | the same, training images | own caption "
+                  "against the next image's, held-out | the same, training images |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['num_tokens']} | {r['text_in']} | {fmt(r, 'psnr_gain', 2)} | {fmt(r, 'train_psnr_gain', 2)} | "
+                  f"{fmt(r, 'worth', 2)} | {fmt(r, 'train_worth', 2)} |" for r in seen]
     # The hardware and the budget go beside the numbers: a table compares only with one of the same budget.
     hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU, {args.jobs} run(s) at a time"
     seeds = len(args.seeds)
@@ -291,7 +306,8 @@ def markdown(summary, args, minutes):
                   f"seed. {args.model}, {args.image_size} px, patch {args.patch_size}, {args.steps} steps of batch "
                   f"{args.batch_size}, LPIPS weight {args.lpips_weight}; {args.eval_images} held-out images per run (rFID "
                   f"at this count is not comparable with 50k-image numbers). {hw}: {minutes:.0f} minutes in train.py, "
-                  f"summed over the runs (a resumed run counts from its last resume)."]
+                  f"summed over the runs (a resumed run counts from its last resume)."
+                  + (f" Every run also had `{args.train_flags}`." if args.train_flags else "")]
     return "\n".join(lines) + "\n"
 
 

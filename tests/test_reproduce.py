@@ -83,6 +83,21 @@ def test_summary_means_stds_and_paired_gains():
     assert rows["both"]["psnr_gain"] == pytest.approx(1.5) and "rfid_gain" not in rows["none"]
 
 
+def test_the_summary_sets_the_caption_on_training_images_beside_held_out_ones():
+    # Issue 24: a caption that is recognised rather than read is worth more on training images.
+    runs = [dict(num_tokens=1, text_in=v, seed=s, psnr=p, ssim=0.5, lpips=0.3, rfid=100.0, train_psnr=tp,
+                 **({} if v == "none" else dict(psnr_other=p - 0.2, train_psnr_other=tp - w)))
+            for v, s, p, tp, w in [("none", 0, 20.0, 21.0, 0), ("none", 1, 20.0, 21.0, 0),
+                                   ("both", 0, 19.9, 21.5, 1.0), ("both", 1, 19.9, 21.3, 0.6)]]
+    both = {r["text_in"]: r for r in reproduce.summarise(runs)}["both"]
+    assert both["psnr_gain"] == pytest.approx(-0.1) and both["train_psnr_gain"] == pytest.approx(0.4)
+    assert both["worth"] == pytest.approx(0.2) and both["train_worth"] == pytest.approx(0.8)
+    args = reproduce.get_args(["--tokens", "1", "--seeds", "0", "1", "--train-flags", "--text-drop 0.5"])
+    md = reproduce.markdown(reproduce.summarise(runs), args, 1.0)
+    assert "| 1 | both | -0.10 ± 0.00 | 0.40 ± 0.14 | 0.20 ± 0.00 | 0.80 ± 0.28 |" in md
+    assert "Every run also had `--text-drop 0.5`." in md  # the flags behind the numbers go beside them
+
+
 def test_runs_on_a_captioned_folder(tmp_path):
     root, caps = captioned_folder(tmp_path, 24, lambda i: (10 * i, 200 - 5 * i, 90),
                                   lambda i: f"a flat colour, shade {i}", size=(24, 20))
