@@ -911,3 +911,88 @@ class ParquetImages(IndexedImages):
     def describe(self, i):
         p = int(self.where[i][0])
         return f"{self.paths[p]}: row {self.names[i].rsplit(':', 1)[1]}"
+
+
+def write_shards(dataset, out_dir: str, size: int, per_shard: int = 1000, image_format: str = "jpg",
+                 progress: bool = True) -> list[str]:
+    """
+    Any real dataset (a folder, shards, Parquet) as webdataset shards of images center-cropped to
+    `size` (center_crop, as training crops): out_dir/00000.tar, ... of `per_shard` samples, each
+    KEY.jpg (or .png), KEY.txt and, with labels, KEY.cls, KEY being the sample's number. Samples
+    keep the dataset's order, so load_splits holds out the same images from the shards as from the
+    source. Each shard is written atomically. -> the shard paths.
+    """
+    import io
+    import tarfile
+    from tqdm import tqdm
+    from files import atomic_write
+    os.makedirs(out_dir, exist_ok=True)
+    width = max(8, len(str(len(dataset))))
+
+    def raw(i):  # the full-size image: CaptionedImages names a file, the indexed formats read bytes
+        if hasattr(dataset, "load_image"):
+            return dataset.load_image(i)
+        return load_rgb(os.path.join(dataset.root, dataset.files[i]))
+
+    def encode(i):
+        buf = io.BytesIO()
+        img = center_crop(raw(i), size)
+        img.save(buf, "JPEG", quality=95) if image_format == "jpg" else img.save(buf, "PNG")
+        return buf.getvalue()
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(payload), 0, 0o644  # mtime 0: the same data gives the same bytes
+        tar.addfile(info, io.BytesIO(payload))
+
+    paths = []
+    bar = tqdm(total=len(dataset), desc="writing shards", disable=not progress, unit="img")
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        for n, start in enumerate(range(0, len(dataset), per_shard)):
+            rows = range(start, min(start + per_shard, len(dataset)))
+            images = list(pool.map(encode, rows))  # one shard's images at a time
+
+            def write(tmp):
+                with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                    for i, payload in zip(rows, images):
+                        key = f"{i:0{width}d}"
+                        add(tar, f"{key}.{image_format}", payload)
+                        add(tar, f"{key}.txt", dataset.captions[i].encode("utf-8"))
+                        if dataset.labels is not None:
+                            add(tar, f"{key}.cls", str(dataset.labels[i]).encode())
+            paths.append(os.path.join(out_dir, f"{n:05d}.tar"))
+            atomic_write(paths[-1], write)
+            bar.update(len(rows))
+    bar.close()
+    return paths
+
+
+def main(argv=None):
+    """python data.py shards: a folder + caption file (or Parquet, or other shards) as resized shards."""
+    import argparse
+    from files import check_ranges
+    p = argparse.ArgumentParser(description="Converts real data to resized webdataset shards: python data.py "
+                                            "shards --data DIR --captions FILE.jsonl --out OUT --size 128")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("shards", help="write resized webdataset shards")
+    s.add_argument("--data", required=True, help="an image folder, shards or Parquet, as train.py reads them")
+    s.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    s.add_argument("--caption-key", default=None, help="as train.py's")
+    s.add_argument("--image-key", default=None, help="as train.py's")
+    s.add_argument("--out", required=True, help="folder for 00000.tar, 00001.tar, ...")
+    s.add_argument("--size", type=int, default=256, help="side of the center-cropped square images")
+    s.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    s.add_argument("--format", default="jpg", choices=["jpg", "png"], help="jpg (quality 95) or png (lossless)")
+    s.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images/captions instead of failing")
+    args = p.parse_args(argv)
+    check_ranges(p, args, at_least_1=("size", "per_shard"))
+    dataset = open_dataset(args.data, args.captions, args.size, args.skip_bad, True, args.caption_key,
+                           args.image_key)
+    paths = write_shards(dataset, args.out, args.size, args.per_shard, args.format)
+    print(f"wrote {len(dataset)} images in {len(paths)} shard(s) to {args.out} (train with --data {args.out})")
+    return paths
+
+
+if __name__ == "__main__":
+    from files import run_main
+    run_main(main)
