@@ -636,7 +636,8 @@ def bytes_problem(data: bytes, size: int):
         load_rgb(io.BytesIO(data), draft=(size, size))
         return None
     except Exception as e:  # truncated, not an image, an unknown mode, a decompression bomb, ...
-        return f"unreadable image ({first_line(e)})"
+        import re
+        return f"unreadable image ({re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'its bytes', first_line(e))})"
 
 
 def label_list(raw):
@@ -703,7 +704,7 @@ class IndexedImages(torch.utils.data.Dataset):
             for (i, _), problem in zip(batch, pool.map(lambda p: "null image" if p[1] is None
                                                        else bytes_problem(p[1], self.image_size), batch)):
                 if problem:
-                    problems[self.names[i]] = f"{self.describe(i)}: {problem}; drop it, or pass --skip-bad"
+                    problems[self.names[i]] = f"{self.describe(i)}: {problem}; drop the {self.item}, or pass --skip-bad"
                 else:
                     good.append(i)
             bar.update(len(batch))
@@ -743,6 +744,8 @@ class ShardImages(IndexedImages):
     member's byte range, each image one seek and one read. --image-key picks the image member's
     extension, --caption-key the caption's (a member KEY.<ext>, else a field of KEY.json).
     """
+
+    item = "sample"  # what a bad image's fix drops
 
     def index(self, problems, raw_labels, progress):
         import tarfile
@@ -848,6 +851,8 @@ class ParquetImages(IndexedImages):
     per group): each DataLoader worker keeps the last group it read, which helps in-order reads (the
     up-front check, eval_fid.py) but not training's shuffle. Convert to shards for a long run.
     """
+
+    item = "row"
 
     def index(self, problems, raw_labels, progress):
         from tqdm import tqdm
