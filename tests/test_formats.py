@@ -260,3 +260,11 @@ def test_data_py_shards_converts_a_folder_keeping_images_order_and_split(tmp_pat
         assert all(torch.equal(a[k][0], b[k][0]) for k in range(len(a)))
     with tarfile.open(paths[0]) as tar:
         assert Image.open(tar.extractfile("00000000.png")).size == (16, 16)  # resized once, here
+
+
+def test_bench_times_the_loader_on_every_format():
+    import bench
+    results = bench.main(["--only", "loader", "--loader-images", "24", "--loader-source-size", "32", "--image-size", "16",
+                          "--loader-workers", "0", "--batch-size", "4"])
+    assert [r["format"] for r in results] == ["folder", "shards", "parquet"]
+    assert all(r["images"] == 20 and r["img_per_s"] > 0 for r in results)  # 23 after the held-out one, whole batches
