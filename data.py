@@ -7,6 +7,9 @@ Datasets shared by train.py, sample.py and eval_fid.py.
                         background's gradient. Deterministic by seed, any resolution, no download.
     CaptionedImages     real data: an image folder (flat or ImageNet-style class folders) plus a
                         JSON-lines caption file  {"file": ..., "caption": ..., "label": ...}.
+    ShardImages         real data as webdataset shards (KEY.jpg + KEY.txt, + KEY.cls), and
+    ParquetImages       as Parquet (an image column, a caption column): indexed, read on demand
+                        (open_dataset picks the format behind --data; docs/data-formats.md)
 
 Both return (image (3, H, W) float in [-1, 1], index, label (-1: none)). Captions live in
 `.captions` and labels in `.labels` (None when there are no classes), so the text encoder runs
@@ -16,6 +19,7 @@ over them once (train.py caches the embeddings) and never per step.
                         the built-in shapes' text-to-image score
     fetch_text          rows of train.py's caption-embedding cache as a batch's (text, mask)
     LatentSet           train.py's cache of DiT latents, batched as an image dataset is
+    write_shards        any real dataset as resized shards (python data.py shards --data ... --out ...)
 """
 import json
 import math
