@@ -377,6 +377,72 @@ def bench_text_cost(args, device, autocast):
             "s_per_img_cached": a / B, "s_per_img_uncached": b / B, "text_encoder_s_per_img": (b - a) / B}
 
 
+def bench_loader(args):
+    """Images/s through train.py's loader (a map-style dataset, shuffled by ShardedSampler, decoded and
+    center-cropped to --image-size in --loader-workers processes) for the same JPEGs as a folder, as
+    webdataset shards and as Parquet in row groups of 100 (the hub's). Files are freshly written, so
+    they are in the page cache: this is reading and decoding, not the disk."""
+    import io
+    import json
+    import os
+    import tarfile
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from data import ShardedSampler, load_splits
+    n, side = args.loader_images, args.loader_source_size
+    rng = np.random.default_rng(0)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        jpegs = []
+        for i in range(n):  # smooth colour fields plus grain: about the size of an ImageNet JPEG at this side
+            low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
+            arr = np.clip(np.asarray(low, np.int16) + rng.integers(-12, 13, (side, side, 3)), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, "JPEG", quality=90)
+            jpegs.append(buf.getvalue())
+        folder, shards = os.path.join(tmp, "folder"), os.path.join(tmp, "shards")
+        os.makedirs(folder)
+        os.makedirs(shards)
+        with open(os.path.join(tmp, "caps.jsonl"), "w") as f:
+            for i, b in enumerate(jpegs):
+                with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as g:
+                    g.write(b)
+                f.write(json.dumps({"file": f"{i:06d}.jpg", "caption": f"image {i}"}) + "\n")
+        for s in range(0, n, 1000):  # img2dataset's shard size, 1,000 samples
+            with tarfile.open(os.path.join(shards, f"{s // 1000:05d}.tar"), "w") as tar:
+                for i in range(s, min(s + 1000, n)):
+                    for name, payload in ((f"{i:06d}.jpg", jpegs[i]), (f"{i:06d}.txt", f"image {i}".encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+        sources = {"folder": (folder, os.path.join(tmp, "caps.jsonl")), "shards": (shards, None)}
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in jpegs],
+                                     "caption": [f"image {i}" for i in range(n)]}),
+                           os.path.join(tmp, "d.parquet"), row_group_size=100)
+            sources["parquet"] = (os.path.join(tmp, "d.parquet"), None)
+        except ImportError:
+            print("Parquet skipped: pip install pyarrow")
+        for name, (data, captions) in sources.items():
+            dataset, _ = load_splits(data, captions, args.image_size, val_images=1, progress=False)
+            sampler = ShardedSampler(len(dataset), args.batch_size)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                                 drop_last=True, num_workers=args.loader_workers)
+            t0, seen = time.perf_counter(), 0
+            for x, _, _ in loader:
+                seen += len(x)
+            sec = time.perf_counter() - t0
+            results.append({"bench": "loader", "format": name, "images": seen, "source_px": side,
+                            "image_size": args.image_size, "workers": args.loader_workers,
+                            "kb_per_image": sum(map(len, jpegs)) / n / 1e3, "img_per_s": seen / sec})
+    return results
+
+
 def get_args(argv=None):
     """What to time: the models' sizes (tiny by default, the paper's in the module docstring) and how."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,7 +465,11 @@ def get_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak (for MFU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--only", nargs="+", default=None, choices=["tokenizer", "dit", "generation", "text"])
+    p.add_argument("--loader-images", type=int, default=1000, help="images the loader benchmark writes and reads")
+    p.add_argument("--loader-source-size", type=int, default=384, help="their side before the crop to --image-size")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader worker processes (train.py --num-workers)")
+    p.add_argument("--only", nargs="+", default=None, choices=["tokenizer", "dit", "generation", "text", "loader"],
+                   help="default: all but loader")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -426,6 +496,8 @@ def main(argv=None):
         results.append(bench_generation(args, device, amp))
     if "text" in only:
         results.append(bench_text_cost(args, device, amp))
+    if "loader" in only:
+        results += bench_loader(args)  # one result per data format
     for r in results:
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if args.json:  # the device and flags beside the numbers: a rate means nothing without them

@@ -7,6 +7,9 @@ Datasets shared by train.py, sample.py and eval_fid.py.
                         background's gradient. Deterministic by seed, any resolution, no download.
     CaptionedImages     real data: an image folder (flat or ImageNet-style class folders) plus a
                         JSON-lines caption file  {"file": ..., "caption": ..., "label": ...}.
+    ShardImages         real data as webdataset shards (KEY.jpg + KEY.txt, + KEY.cls), and
+    ParquetImages       as Parquet (an image column, a caption column): indexed, read on demand
+                        (open_dataset picks the format behind --data; docs/data-formats.md)
 
 Both return (image (3, H, W) float in [-1, 1], index, label (-1: none)). Captions live in
 `.captions` and labels in `.labels` (None when there are no classes), so the text encoder runs
@@ -16,6 +19,7 @@ over them once (train.py caches the embeddings) and never per step.
                         the built-in shapes' text-to-image score
     fetch_text          rows of train.py's caption-embedding cache as a batch's (text, mask)
     LatentSet           train.py's cache of DiT latents, batched as an image dataset is
+    write_shards        any real dataset as resized shards (python data.py shards --data ... --out ...)
 """
 import json
 import math
@@ -453,19 +457,19 @@ def spread_sample(dataset, n: int):
 
 
 def load_splits(data: str = "builtin", captions: str = None, image_size: int = 32, seed: int = 0,
-                num_images: int = 4096, val_images: int = 256, skip_bad: bool = False, progress: bool = True):
+                num_images: int = 4096, val_images: int = 256, skip_bad: bool = False, progress: bool = True,
+                caption_key: str = None, image_key: str = None):
     """
     (training set, held-out set), as train.py trains and evaluates on them and eval_fid.py scores
     them, so that a reported reconstruction metric is always on images the tokenizer never saw.
     Built-in: `num_images` scenes of `seed` for training and `val_images` scenes of seed + 1 (a
     disjoint draw) held out. A folder: a seeded shuffle holds out `val_images` images, at most a
-    tenth of the folder, and at least one.
+    tenth of the folder, and at least one. Shards and Parquet (open_dataset) are split the same way,
+    so the same images in the same order hold out the same ones in every format.
     """
     if data == "builtin":
         return ShapesDataset(num_images, image_size, seed=seed), ShapesDataset(val_images, image_size, seed=seed + 1)
-    if not captions:
-        raise UserError(f"--data {data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
-    full = CaptionedImages(data, captions, image_size, skip_bad, progress=progress)
+    full = open_dataset(data, captions, image_size, skip_bad, progress, caption_key, image_key)
     if len(full) < 2:
         raise UserError(f"{data} has {len(full)} usable captioned image(s): training and a held-out "
                         f"evaluation need at least 2")
@@ -538,3 +542,473 @@ class ShardedSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return (self.steps_per_epoch - self.start_step) * self.batch
+
+
+#################################################################################
+#               Real data in the formats people have: shards, Parquet           #
+#################################################################################
+
+# Why an index and not a stream: webdataset's loaders stream each shard front to back, which needs an
+# iterable dataset, and with it a second sampler, a second resume story and ranks that split shards
+# rather than batches. Here a shard set is indexed once (where each image lies: a byte range of a tar,
+# a row of a Parquet row group) and each image read on demand in __getitem__, so the map-style dataset,
+# ShardedSampler (exact resume, ranks taking disjoint slices of every global batch) and the held-out
+# split (load_splits) work unchanged on every format. What is kept in memory per image is that position
+# (three integers), its key, its caption and its label: captions are small, and the caption-embedding
+# cache needs them all anyway. The cost is random access: a tar read is one seek, but Parquet stores
+# images in row groups read whole (see ParquetImages); for a long run convert once to shards
+# (python data.py shards).
+
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # img2dataset's image members, tried in this order
+PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img")  # the Hugging Face hub's, then img2dataset's
+PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
+PARQUET_LABEL_COLUMNS = ("label", "cls")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's shard patterns: 'shards/{00000..00002}.tar' -> shards/00000.tar ... 00002.tar (zero
+    padding kept), 'a/{x,y}.tar' -> a/x.tar, a/y.tar; several braces multiply."""
+    import re
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail, body = pattern[:m.start()], pattern[m.end():], m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi, width = int(r.group(1)), int(r.group(2)), len(r.group(1))
+        parts = [f"{i:0{width}d}" for i in range(lo, hi + 1)]
+    else:
+        parts = body.split(",")
+    return [p for part in parts for p in expand_braces(head + part + tail)]
+
+
+def data_format(data: str):
+    """What --data names -> (format, paths): ('builtin', []), ('folder', [data]), or ('shards' |
+    'parquet', the sorted files). A folder holding images is an image folder; one holding .tar files
+    is a shard set (img2dataset writes a metadata .parquet beside each .tar: those are not read); one
+    holding only .parquet files, at any depth (the hub puts them in data/), is a Parquet dataset.
+    A brace pattern or a glob names the files themselves."""
+    import glob
+    if data == "builtin":
+        return "builtin", []
+    if os.path.isdir(data):
+        tars, parquets = [], []
+        for d, subdirs, names in os.walk(data):
+            subdirs.sort()
+            if any(n.lower().endswith(IMAGE_EXTS) for n in names):
+                return "folder", [data]  # images come first in a top-down walk of a class-folder tree
+            tars += [os.path.join(d, n) for n in names if n.endswith(".tar")]
+            parquets += [os.path.join(d, n) for n in names if n.endswith(".parquet")]
+        if tars:
+            return "shards", sorted(tars)
+        return ("parquet", sorted(parquets)) if parquets else ("folder", [data])
+    if os.path.isfile(data) and data.endswith((".tar", ".parquet")):
+        return ("shards" if data.endswith(".tar") else "parquet"), [data]
+    if not any(c in data for c in "{*?["):
+        return "folder", [data]  # CaptionedImages says it does not exist
+    paths = []
+    for pattern in expand_braces(data):
+        if any(c in pattern for c in "*?["):
+            paths += sorted(glob.glob(pattern))
+        elif not os.path.isfile(pattern):
+            raise MissingFile(f"{pattern} (of --data {data}) does not exist; fix --data")
+        else:
+            paths.append(pattern)
+    if not paths:
+        raise MissingFile(f"--data {data} matches no file; fix --data")
+    kinds = {os.path.splitext(p)[1] for p in paths}
+    if kinds == {".tar"}:
+        return "shards", paths
+    if kinds == {".parquet"}:
+        return "parquet", paths
+    raise UserError(f"--data {data} matches {', '.join(sorted(kinds))} files; name only .tar shards or only "
+                    f".parquet files")
+
+
+def open_dataset(data: str, captions: str = None, image_size: int = 256, skip_bad: bool = False,
+                 progress: bool = True, caption_key: str = None, image_key: str = None):
+    """The whole real dataset behind --data, of any format (data_format): what load_splits splits."""
+    kind, paths = data_format(data)
+    if kind == "folder":
+        if not captions:
+            raise UserError(f"--data {data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
+        return CaptionedImages(data, captions, image_size, skip_bad, progress=progress)
+    if captions:
+        raise UserError(f"--captions {captions}: the {kind} of --data {data} carry their own captions; drop "
+                        f"--captions (pick the caption with --caption-key)")
+    cls = ShardImages if kind == "shards" else ParquetImages
+    return cls(paths, image_size, skip_bad, progress, caption_key, image_key)
+
+
+def bytes_problem(data: bytes, size: int):
+    """None when encoded image bytes decode as training will decode them; else, in one line, why not."""
+    import io
+    try:
+        load_rgb(io.BytesIO(data), draft=(size, size))
+        return None
+    except Exception as e:  # truncated, not an image, an unknown mode, a decompression bomb, ...
+        import re
+        return f"unreadable image ({re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'its bytes', first_line(e))})"
+
+
+def label_list(raw):
+    """Per-sample labels (ints, or class names numbered in sorted order) when every sample has one, else None."""
+    if not raw or any(r is None for r in raw):
+        return None
+    if all(isinstance(r, int) for r in raw):
+        return list(raw)
+    names = sorted({str(r) for r in raw})
+    return [names.index(str(r)) for r in raw]
+
+
+def parse_label(text):
+    """A cls member's text (or a JSON label): an int when it reads as one, else the class name."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if isinstance(text, str):
+        text = text.strip()
+        return int(text) if text.lstrip("-").isdigit() else text or None
+    return text
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """
+    What ShardImages and ParquetImages share: a subclass indexes its files (index: appending to
+    .names, .captions, raw labels, .where, and to `problems` {name: one line}), and reads one
+    image's encoded bytes (read); this class decode-checks every image up front as
+    CaptionedImages does, reports or skips the bad ones, and serves the rest as CaptionedImages
+    serves a folder: (image (3, H, W) in [-1, 1], index, label or -1).
+    """
+
+    def __init__(self, paths, image_size, skip_bad, progress, caption_key, image_key):
+        from tqdm import tqdm
+        self.paths, self.image_size = list(paths), image_size
+        self.caption_key, self.image_key = caption_key, image_key
+        self.names, self.captions, raw_labels, self.where = [], [], [], []  # per sample
+        problems = {}
+        self.index(problems, raw_labels, progress)
+        good = self.check_images(problems, progress)
+        first = next(iter(problems.values()), None)
+        if problems and not skip_bad:
+            raise UserError(f"{first}  ({len(problems)} problem(s) in all; fix them, or pass "
+                            f"--skip-bad to skip and count them)")
+        self.skipped = len(problems)
+        if problems and progress:
+            print(f"skipped {len(problems)} bad item(s), e.g. {first}")
+        if not good:
+            raise UserError(f"no usable captioned images in {self.paths[0]}" +
+                            (f" and {len(self.paths) - 1} more file(s)" if len(self.paths) > 1 else ""))
+        self.names = [self.names[i] for i in good]
+        self.files = self.names  # as CaptionedImages names its images (eval_fid.py recon lists them)
+        self.captions = [self.captions[i] for i in good]
+        self.where = np.array([self.where[i] for i in good], dtype=np.int64)  # (n, 3): compact, shared by workers
+        self.labels = label_list([raw_labels[i] for i in good])
+
+    def check_images(self, problems, progress, chunk=256):
+        """Decodes every image once, as training decodes it, in file order (threads: PIL decodes without
+        the GIL; a chunk at a time, so no more than `chunk` images are held); -> the good samples."""
+        from tqdm import tqdm
+        good, batch = [], []
+        bar = tqdm(total=len(self.names), desc="checking images", disable=not progress, unit="img")
+
+        def flush():
+            for (i, _), problem in zip(batch, pool.map(lambda p: "null image" if p[1] is None
+                                                       else bytes_problem(p[1], self.image_size), batch)):
+                if problem:
+                    problems[self.names[i]] = f"{self.describe(i)}: {problem}; drop the {self.item}, or pass --skip-bad"
+                else:
+                    good.append(i)
+            bar.update(len(batch))
+            batch.clear()
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            for i in range(len(self.names)):
+                batch.append((i, self.read(i)))
+                if len(batch) == chunk:
+                    flush()
+            flush()
+        bar.close()
+        return good
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        import io
+        try:
+            img = load_rgb(io.BytesIO(self.read(i)))
+        except Exception as e:  # it decoded when the dataset was built: changed during the run?
+            raise UserError(f"{self.describe(i)}: unreadable image ({first_line(e)}), though it decoded when "
+                            f"training started; was the file changed since?") from None
+        return to_tensor(center_crop(img, self.image_size)), i, (self.labels[i] if self.labels is not None else -1)
+
+    def load_image(self, i) -> Image.Image:
+        """Sample i's image, full size, as 8-bit RGB (write_shards resizes it)."""
+        import io
+        return load_rgb(io.BytesIO(self.read(i)))
+
+
+class ShardImages(IndexedImages):
+    """
+    webdataset shards as img2dataset writes them: tar files whose members KEY.jpg (or .png, .webp)
+    and KEY.txt (or a "caption" in KEY.json) are one sample, with an optional KEY.cls (the class:
+    a number or a name). Read with the standard library's tarfile: the index is each image
+    member's byte range, each image one seek and one read. --image-key picks the image member's
+    extension, --caption-key the caption's (a member KEY.<ext>, else a field of KEY.json).
+    """
+
+    item = "sample"  # what a bad image's fix drops
+
+    def index(self, problems, raw_labels, progress):
+        import tarfile
+        from tqdm import tqdm
+        for s, path in enumerate(tqdm(self.paths, desc="indexing shards", disable=not progress, unit="shard")):
+            members, order, damage, last = {}, [], None, None  # key -> {ext: TarInfo}; the last member read
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    for m in tar:
+                        last, base = m.name, os.path.basename(m.name)
+                        if not m.isfile() or "." not in base:
+                            continue
+                        key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])  # webdataset's key
+                        if key not in members:
+                            members[key] = {}
+                            order.append(key)
+                        members[key][base.split(".", 1)[1].lower()] = m
+                    end = tar.offset  # past the last member read
+                with open(path, "rb") as f:
+                    f.seek(end)
+                    if f.read(512) != bytes(512):
+                        # tarfile stops quietly at a cut-off or damaged header: a whole tar ends in a zero block
+                        damage = (f"truncated or damaged {f'after member {last}' if last else 'at its start'} "
+                                  f"(byte {end} of {os.path.getsize(path)})")
+            except (tarfile.TarError, OSError, EOFError) as e:  # tarfile: "unexpected end of data" past a cut member
+                damage = (f"truncated or damaged after member {last} ({first_line(e)})" if last
+                          else f"not a readable tar ({first_line(e)})")
+            if damage:
+                problems[path] = f"{path}: {damage}; write or download it again, or pass --skip-bad"
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                for key in order:
+                    self.add_sample(s, path, key, members[key], f, size, problems, raw_labels)
+
+    def add_sample(self, s, path, key, parts, f, size, problems, raw_labels):
+        """One sample's members -> its index entry, or a problem naming the shard and the key."""
+        name = f"{os.path.basename(path)}/{key}"
+        read = lambda m: (f.seek(m.offset_data), f.read(m.size))[1]
+        image_exts = (self.image_key,) if self.image_key else SHARD_IMAGE_EXTS
+        image = next((parts[e] for e in image_exts if e in parts), None)
+        caption = label = None
+        try:
+            if (self.caption_key or "txt") in parts:
+                caption = read(parts[self.caption_key or "txt"]).decode("utf-8")
+            elif "json" in parts:  # img2dataset's metadata: {"caption": ..., "url": ..., ...}
+                meta = json.loads(read(parts["json"]).decode("utf-8"))
+                caption = meta.get(self.caption_key or "caption") if isinstance(meta, dict) else None
+            if "cls" in parts:
+                label = parse_label(read(parts["cls"]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems[name] = f"{path}: {key}: a caption or label member does not read ({first_line(e)}); fix it, " \
+                             f"or pass --skip-bad"
+            return
+        wanted = f"{key}.{'/'.join(image_exts)}"
+        caption_names = (f"{key}.{self.caption_key} or a \"{self.caption_key}\" in {key}.json" if self.caption_key
+                         else f"{key}.txt or a \"caption\" in {key}.json")
+        if image is None and caption is None:
+            problems[name] = f"{path}: {key}: neither an image ({wanted}) nor a caption ({caption_names}); " \
+                             f"members: {', '.join(sorted(parts))}; pass --image-key/--caption-key, or --skip-bad"
+        elif image is None:
+            problems[name] = f"{path}: {key}: a caption but no image ({wanted}); add it, pass --image-key EXT, " \
+                             f"or --skip-bad"
+        elif not isinstance(caption, str) or not caption.strip():
+            what = "no" if caption is None else "an empty" if isinstance(caption, str) else f"a non-text ({caption!r})"
+            problems[name] = f"{path}: {key}: an image with {what} caption ({caption_names}); add it, pass " \
+                             f"--caption-key, or --skip-bad"
+        elif image.offset_data + image.size > size:
+            problems[name] = f"{path}: {key}: {os.path.basename(image.name)} is cut off (the tar is truncated); " \
+                             f"write or download the shard again, or pass --skip-bad"
+        else:
+            self.names.append(name)
+            self.captions.append(caption.strip())
+            raw_labels.append(label)
+            self.where.append((s, image.offset_data, image.size))
+
+    def read(self, i):
+        s, offset, size = (int(v) for v in self.where[i])
+        with open(self.paths[s], "rb") as f:  # opened per read: nothing to share across DataLoader workers
+            f.seek(offset)
+            return f.read(size)
+
+    def describe(self, i):
+        s = int(self.where[i][0])
+        return f"{self.paths[s]}: {self.names[i].split('/', 1)[1]}"
+
+
+def import_pyarrow():
+    """pyarrow.parquet, or one line saying how to get it (an optional dependency: only Parquet needs it)."""
+    try:
+        import pyarrow.parquet as pq
+        return pq
+    except ImportError:
+        raise UserError("reading Parquet needs pyarrow: pip install pyarrow") from None
+
+
+class ParquetImages(IndexedImages):
+    """
+    Parquet files as the Hugging Face hub and img2dataset write them: one row per image, the image
+    column holding encoded bytes (or a struct {"bytes": ..., "path": ...}, the hub's Image feature),
+    a caption column, and an optional "label" column. Read with pyarrow: captions and labels are
+    read whole; images by row group on demand. Parquet cannot read one row of a column, only a
+    row group's chunk of it, so a random image costs its whole row group (the hub writes 100 images
+    per group): each DataLoader worker keeps the last group it read, which helps in-order reads (the
+    up-front check, eval_fid.py) but not training's shuffle. Convert to shards for a long run.
+    """
+
+    item = "row"
+
+    def index(self, problems, raw_labels, progress):
+        from tqdm import tqdm
+        pq = import_pyarrow()
+        self.image_columns = []
+        for p, path in enumerate(tqdm(self.paths, desc="indexing Parquet", disable=not progress, unit="file")):
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow's errors: ArrowInvalid (not Parquet, truncated), OSError
+                raise UserError(f"{path}: not a readable Parquet file ({first_line(e)}); fix --data") from None
+            columns = pf.schema_arrow.names
+            pick = lambda key, names, what, flag: self.column(path, columns, key, names, what, flag)
+            image_col = pick(self.image_key, PARQUET_IMAGE_COLUMNS, "image", "--image-key")
+            caption_col = pick(self.caption_key, PARQUET_CAPTION_COLUMNS, "caption", "--caption-key")
+            label_col = next((c for c in PARQUET_LABEL_COLUMNS if c in columns), None)
+            self.image_columns.append(image_col)
+            row = 0
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g, columns=[caption_col] + ([label_col] if label_col else []))
+                caps = table.column(caption_col).to_pylist()
+                labels = table.column(label_col).to_pylist() if label_col else [None] * len(caps)
+                for r, (caption, label) in enumerate(zip(caps, labels)):
+                    name = f"{os.path.basename(path)}:{row + r}"
+                    if not isinstance(caption, str) or not caption.strip():
+                        what = "null" if caption is None else "empty" if isinstance(caption, str) else \
+                            f"non-text ({caption!r})"
+                        problems[name] = f"{path}: row {row + r}: {what} caption (column {caption_col}); drop " \
+                                         f"the row, or pass --skip-bad"
+                        continue
+                    self.names.append(name)
+                    self.captions.append(caption.strip())
+                    raw_labels.append(parse_label(label))
+                    self.where.append((p, g, r))
+                row += len(caps)
+
+    @staticmethod
+    def column(path, columns, key, candidates, what, flag):
+        """The column named by the flag, or the first of the usual names that the file has."""
+        if key is not None:
+            if key not in columns:
+                raise UserError(f"{path} has no column {key!r} (columns: {', '.join(columns)}); fix {flag}")
+            return key
+        found = next((c for c in candidates if c in columns), None)
+        if found is None:
+            raise UserError(f"{path} has no {what} column (tried {', '.join(candidates)}; columns: "
+                            f"{', '.join(columns)}); pass {flag} COLUMN")
+        return found
+
+    def read(self, i):
+        p, g, r = (int(v) for v in self.where[i])
+        cache = getattr(self, "_group", None)
+        if cache is None or cache[0] != (os.getpid(), p, g):  # per process: DataLoader workers fork
+            pq = import_pyarrow()
+            column = pq.ParquetFile(self.paths[p]).read_row_group(g, columns=[self.image_columns[p]]).column(0)
+            self._group = cache = ((os.getpid(), p, g), column)
+        value = cache[1][r].as_py()
+        if isinstance(value, dict):  # the hub's Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes")
+        return value  # None: a null image (reported by the up-front check)
+
+    def describe(self, i):
+        p = int(self.where[i][0])
+        return f"{self.paths[p]}: row {self.names[i].rsplit(':', 1)[1]}"
+
+
+def write_shards(dataset, out_dir: str, size: int, per_shard: int = 1000, image_format: str = "jpg",
+                 progress: bool = True) -> list[str]:
+    """
+    Any real dataset (a folder, shards, Parquet) as webdataset shards of images center-cropped to
+    `size` (center_crop, as training crops): out_dir/00000.tar, ... of `per_shard` samples, each
+    KEY.jpg (or .png), KEY.txt and, with labels, KEY.cls, KEY being the sample's number. Samples
+    keep the dataset's order, so load_splits holds out the same images from the shards as from the
+    source. Each shard is written atomically. -> the shard paths.
+    """
+    import io
+    import tarfile
+    from tqdm import tqdm
+    from files import atomic_write
+    os.makedirs(out_dir, exist_ok=True)
+    width = max(8, len(str(len(dataset))))
+
+    def raw(i):  # the full-size image: CaptionedImages names a file, the indexed formats read bytes
+        if hasattr(dataset, "load_image"):
+            return dataset.load_image(i)
+        return load_rgb(os.path.join(dataset.root, dataset.files[i]))
+
+    def encode(i):
+        buf = io.BytesIO()
+        img = center_crop(raw(i), size)
+        img.save(buf, "JPEG", quality=95) if image_format == "jpg" else img.save(buf, "PNG")
+        return buf.getvalue()
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(payload), 0, 0o644  # mtime 0: the same data gives the same bytes
+        tar.addfile(info, io.BytesIO(payload))
+
+    paths = []
+    bar = tqdm(total=len(dataset), desc="writing shards", disable=not progress, unit="img")
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        for n, start in enumerate(range(0, len(dataset), per_shard)):
+            rows = range(start, min(start + per_shard, len(dataset)))
+            images = list(pool.map(encode, rows))  # one shard's images at a time
+
+            def write(tmp):
+                with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+                    for i, payload in zip(rows, images):
+                        key = f"{i:0{width}d}"
+                        add(tar, f"{key}.{image_format}", payload)
+                        add(tar, f"{key}.txt", dataset.captions[i].encode("utf-8"))
+                        if dataset.labels is not None:
+                            add(tar, f"{key}.cls", str(dataset.labels[i]).encode())
+            paths.append(os.path.join(out_dir, f"{n:05d}.tar"))
+            atomic_write(paths[-1], write)
+            bar.update(len(rows))
+    bar.close()
+    return paths
+
+
+def main(argv=None):
+    """python data.py shards: a folder + caption file (or Parquet, or other shards) as resized shards."""
+    import argparse
+    from files import check_ranges
+    p = argparse.ArgumentParser(description="Converts real data to resized webdataset shards: python data.py "
+                                            "shards --data DIR --captions FILE.jsonl --out OUT --size 128")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("shards", help="write resized webdataset shards")
+    s.add_argument("--data", required=True, help="an image folder, shards or Parquet, as train.py reads them")
+    s.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    s.add_argument("--caption-key", default=None, help="as train.py's")
+    s.add_argument("--image-key", default=None, help="as train.py's")
+    s.add_argument("--out", required=True, help="folder for 00000.tar, 00001.tar, ...")
+    s.add_argument("--size", type=int, default=256, help="side of the center-cropped square images")
+    s.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    s.add_argument("--format", default="jpg", choices=["jpg", "png"], help="jpg (quality 95) or png (lossless)")
+    s.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images/captions instead of failing")
+    args = p.parse_args(argv)
+    check_ranges(p, args, at_least_1=("size", "per_shard"))
+    dataset = open_dataset(args.data, args.captions, args.size, args.skip_bad, True, args.caption_key,
+                           args.image_key)
+    paths = write_shards(dataset, args.out, args.size, args.per_shard, args.format)
+    print(f"wrote {len(dataset)} images in {len(paths)} shard(s) to {args.out} (train with --data {args.out})")
+    return paths
+
+
+if __name__ == "__main__":
+    from files import run_main
+    run_main(main)

@@ -477,32 +477,36 @@ def training_images(tokenizer, image_size, count):
     if not run:
         raise UserError(f"--train-images needs the training run's args.json beside {tokenizer}, to know its data")
     train_set, _ = load_splits(run["data"], run.get("captions"), image_size, run["seed"], run["num_images"],
-                               run["val_images"], run.get("skip_bad", False), progress=False)
+                               run["val_images"], run.get("skip_bad", False), progress=False,
+                               caption_key=run.get("caption_key"), image_key=run.get("image_key"))
     seen = spread_sample(train_set, count)
     return seen, f"{len(seen)} of the {len(train_set)} images the tokenizer trained on (spread over its training split)"
 
 
-def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, num_images=None, files=None):
+def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, num_images=None, files=None,
+                    caption_key=None, image_key=None):
     """
     The images `recon` scores, and a sentence saying which they are. By default the held-out
     split of the run that trained `tokenizer` (read from its <out>/args.json, which train.py
     writes beside <out>/tokenizer/): never an image it was trained on. `files` (a text file,
     one path relative to the folder per line) scores exactly those images instead.
     """
-    from data import CaptionedImages, ShapesDataset, Split, load_splits
+    from data import ShapesDataset, Split, data_format, load_splits, open_dataset
     run = run_args(tokenizer)
     data = data or run.get("data", "builtin")
     # The run's caption file goes with the run's own data only; another --data needs its own --captions.
     captions = captions or (run.get("captions") if data == run.get("data") else None)
+    if data == run.get("data"):  # so are the keys of its shards or Parquet columns
+        caption_key, image_key = caption_key or run.get("caption_key"), image_key or run.get("image_key")
     seed = seed if seed is not None else run.get("seed", 0)
     if data == "builtin":
         n = num_images or 1000
         return (ShapesDataset(n, image_size, seed=seed + 1),
                 f"{n} held-out built-in scenes (seed {seed + 1}; the run trained on seed {seed})")
-    if not captions:
+    if not captions and data_format(data)[0] == "folder":  # shards and Parquet carry their captions
         raise UserError(f"--data {data} needs --captions FILE.jsonl")
     if files:
-        full = CaptionedImages(data, captions, image_size)
+        full = open_dataset(data, captions, image_size, caption_key=caption_key, image_key=image_key)
         with open(files) as f:
             wanted = [os.path.normpath(line.strip()) for line in f if line.strip()]
         where = {name: i for i, name in enumerate(full.files)}
@@ -511,7 +515,8 @@ def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, 
             raise UserError(f"{files}: {missing[0]} is not a captioned image under {data} ({len(missing)} missing)")
         return Split(full, [where[w] for w in wanted]), f"the {len(wanted)} images listed in {files}"
     val_images = run.get("val_images", 256)
-    _, held_out = load_splits(data, captions, image_size, seed, val_images=val_images, progress=False)
+    _, held_out = load_splits(data, captions, image_size, seed, val_images=val_images, progress=False,
+                              caption_key=caption_key, image_key=image_key)
     if num_images:
         held_out = Split(held_out.dataset, held_out.indices[:num_images])
     return held_out, (f"{len(held_out)} held-out images of {data} (train.py's split for --seed {seed}, "
@@ -544,8 +549,11 @@ def get_args(argv=None):
     # recon: the paper's reconstruction metrics (rFID as Table 1 reports it), on images the tokenizer never saw
     r = sub.add_parser("recon", help="rFID / rIS / PSNR / SSIM / LPIPS of a trained tokenizer")
     r.add_argument("--tokenizer", default="out/textok/tokenizer", help="folder written by train.py")
-    r.add_argument("--data", default=None, help="'builtin' or an image folder (default: what the tokenizer trained on)")
+    r.add_argument("--data", default=None, help="'builtin', an image folder, shards or Parquet, as train.py reads "
+                                                "them (default: what the tokenizer trained on)")
     r.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    r.add_argument("--caption-key", default=None, help="as train.py's (default: the run's)")
+    r.add_argument("--image-key", default=None, help="as train.py's (default: the run's)")
     r.add_argument("--seed", type=int, default=None, help="the training run's --seed, which fixes its held-out split "
                                                          "(default: read from the run's args.json)")
     r.add_argument("--num-images", type=int, default=None,
@@ -598,7 +606,7 @@ def reconstruction_report(args):
     tok = TexTok.from_pretrained(args.tokenizer, device).eval()
     cfg = tok.cfg
     data, which = held_out_images(args.tokenizer, cfg.image_size, args.data, args.captions, args.seed,
-                                  args.num_images, args.files)
+                                  args.num_images, args.files, args.caption_key, args.image_key)
     print(f"scoring {which}")
     inception = None
     if len(data) < 2:  # a folder of under 20 images holds out one

@@ -100,8 +100,13 @@ def get_args(argv=None):
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grids")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids")
     # data
-    p.add_argument("--data", default="builtin", help="'builtin' (captioned shapes) or an image folder")
+    p.add_argument("--data", default="builtin", help="'builtin' (captioned shapes), an image folder, webdataset "
+                   "shards (a folder of .tar, a glob, shards/{00000..00099}.tar) or Parquet (a file, folder or glob)")
     p.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    p.add_argument("--caption-key", default=None, help="shards: the caption member's extension or a field of KEY.json "
+                   "(default: KEY.txt, else \"caption\" in KEY.json); Parquet: the caption column (default: caption, text, ...)")
+    p.add_argument("--image-key", default=None, help="shards: the image member's extension (default: jpg, jpeg, png, "
+                   "webp); Parquet: the image column (default: image, jpg, ...)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images/captions instead of failing")
     p.add_argument("--num-images", type=int, default=4096, help="size of the built-in training set")
     p.add_argument("--val-images", type=int, default=256, help="held-out images for PSNR/SSIM and grids")
@@ -190,7 +195,8 @@ def build_data(args, image_size, master):
     """(train set, held-out set, whether to flip); both stages call it, so the DiT sees exactly the
     images (and held-out split) the tokenizer saw."""
     train_set, val_set = load_splits(args.data, args.captions, image_size, args.seed, args.num_images,
-                                     args.val_images, args.skip_bad, progress=master)
+                                     args.val_images, args.skip_bad, progress=master, caption_key=args.caption_key,
+                                     image_key=args.image_key)
     # Flips: ADM-style for real data; off for the built-in set, where a flip would contradict
     # "at the left" in the caption.
     hflip = args.hflip if args.hflip is not None else args.data != "builtin"
@@ -655,6 +661,7 @@ def train_dit(run):
     # Keyed by the tokenizer's weights and the exact training set: a retrained tokenizer, or other
     # data, never reads another's latents.
     data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set), json_digest(train_set.captions)]
+    data_key += [args.image_key] if args.image_key else []  # another image of the same captions (shards, Parquet)
     tok_digest = file_digest(tok_weights)  # keys the latent cache; sample.py checks it against the tokenizer it gets
     latents, stats = latent_cache(run, tok, train_set, train_text if tok_text else None, [tok_digest, data_key])
     mean, std = (torch.tensor(stats[k], device=device).float() for k in ("mean", "std"))  # (d,) each
