@@ -246,6 +246,8 @@ def holdout(path, fraction, seed=0):
     # Numbered as train.py numbers the labels of this file (data.class_labels): the unseen file holds the
     # class numbers the DiT is trained with, which sample.py --class-captions takes.
     labels, names = class_labels([r["label"] for r in rows], [f"{path}:{n}" for n in lines], check_range=False)
+    if labels is None:
+        raise UserError(f"{path}: every 'label' is null; holding out captions per class needs class labels")
     rng = np.random.default_rng(seed)  # the same split for the same file and seed
     by_class = {}
     for k, label in enumerate(labels):

@@ -289,8 +289,10 @@ def test_a_sweep_says_which_run_failed_and_a_report_of_nothing_pins_no_settings(
     def damaged(argv):
         raise UserError("ckpt-latest.pt is truncated; nothing to resume: drop --resume")
     monkeypatch.setattr(train, "main", damaged)
+    threads = torch.get_num_threads()  # run_one sets the runs' share of the cores
     with pytest.raises(UserError) as e:
         reproduce.main(flags)
+    torch.set_num_threads(threads)
     run = tmp_path / "sweep" / "n1-both-s0"
     assert (f"run n1-both-s0 failed: ckpt-latest.pt is truncated; nothing to resume: drop --resume  (its log: "
             f"{run / 'run.log'}; to redo the run, delete {run} and run the sweep again)") in str(e.value)
