@@ -88,15 +88,18 @@ def check_ranges(parser, args, at_least_1=(), not_negative=(), positive=(), belo
                 flag_error(parser, f"{flag_text(args, name)}: {rule}")
 
 
-def check_output(parser, flag: str, path: str) -> None:
+def check_output(parser, flag: str, path: str, folder: bool = False) -> None:
     """Refuses (flag_error), before any work, an output path that could not be written at the end:
-    one that is a folder, or whose nearest existing folder is a file or not writable. A missing
-    folder is fine: atomic_write makes it."""
+    a file's path that is a folder (a folder's, with folder=True, that is a file), or one whose
+    nearest existing folder is a file or not writable. A missing folder is fine: atomic_write
+    (or the script) makes it."""
     if path is None:
         return
-    if os.path.isdir(path):
+    if not folder and os.path.isdir(path):
         flag_error(parser, f"{flag} {path} is a folder; give the path of a file in it")
-    probe = os.path.dirname(os.path.abspath(path))
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        flag_error(parser, f"{flag} {path} is a file, not a folder; fix the path")
+    probe = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):

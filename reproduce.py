@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
-from files import UserError, check_ranges, flag_error, json_digest, run_main, write_json, write_text
+from files import UserError, check_output, check_ranges, flag_error, json_digest, run_main, write_json, write_text
 
 VARIANTS = ("none", "tokenizer", "detokenizer", "both")  # Table 4d's rows, in its order
 # What every run reports on its held-out images: the rFID of Table 1, and the pixel metrics beside it.
@@ -114,6 +114,8 @@ def get_args(argv=None):
         flag_error(p, f"--data {args.data}: no such image folder; fix --data")
     if args.captions and not os.path.isfile(args.captions):
         flag_error(p, f"--captions {args.captions}: no such caption file; fix --captions")
+    check_output(p, "--out", args.out, folder=True)
+    check_output(p, "--results", args.results, folder=True)  # written at the very end of the sweep
     # The ablation is read beside TexTok and the baseline at the same count, so that count must be swept.
     if args.ablation_tokens and args.ablation_tokens not in args.tokens:
         raise UserError(f"--ablation-tokens {args.ablation_tokens} must be one of --tokens {args.tokens}")

@@ -42,9 +42,9 @@ from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adhe
 from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import (MissingFile, UserError, append_jsonl, atomic_write, check_ranges, check_resume, claim_out,
-                   file_digest, flag_error, flag_text, json_digest, lock_out, read_checkpoint, run_main, save_checkpoint,
-                   write_arrays, write_json)
+from files import (MissingFile, UserError, append_jsonl, atomic_write, check_output, check_ranges, check_resume,
+                   claim_out, file_digest, flag_error, flag_text, json_digest, lock_out, read_checkpoint, run_main,
+                   save_checkpoint, write_arrays, write_json)
 from pixels import plot_log, psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
@@ -161,9 +161,8 @@ def check_args(p, args):
         error(f"{flag('captions')} goes with --data FOLDER, the images it captions; pass --data")
     if args.lpips_weights and args.lpips_weight > 0 and not os.path.isfile(args.lpips_weights):  # read after the caches
         error(f"{flag('lpips_weights')}: no such file; fix the path, or leave it out (packaged or downloaded weights)")
-    for k in ("out", "cache_dir"):
-        if os.path.exists(getattr(args, k)) and not os.path.isdir(getattr(args, k)):
-            error(f"{flag(k)} is a file, not a folder; fix the path")
+    check_output(p, "--out", args.out, folder=True)
+    check_output(p, "--cache-dir", args.cache_dir, folder=True)
     check_ranges(p, args, at_least_1=("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps",
                                       "batch_size", "num_images", "val_images", "log_every", "eval_every",
                                       "save_every", "sample_steps"),

@@ -163,7 +163,9 @@ def test_outputs_in_a_missing_folder_are_written_and_impossible_ones_refused_bef
                                  (eval_fid.get_args, ["stats", "imgs", "--out", bad], "--out"),
                                  (eval_fid.get_args, ["gen", "s.npz", "r.npz", "--save-ref-stats", bad], "--save-ref-stats"),
                                  (eval_fid.get_args, ["--json", bad, "adherence", "s.npz"], "--json"),
-                                 (caption.get_args, ["imgs", "--out", bad], "--out")):
+                                 (caption.get_args, ["imgs", "--out", bad], "--out"),
+                                 (train.get_args, ["--out", bad], "--out"),
+                                 (reproduce.get_args, ["--results", bad], "--results")):
         err = one_line_flag_error(capsys, get_args, argv)
         assert f"error: {flag} {bad}: {tmp_path / 'afile'} is a file, not a folder" in err
 
