@@ -12,6 +12,8 @@ Both return (image (3, H, W) float in [-1, 1], index, label (-1: none)). Caption
 `.captions` and labels in `.labels` (None when there are no classes), so the text encoder runs
 over them once (train.py caches the embeddings) and never per step.
 
+    class_labels        a caption file's labels as class numbers, checked: every script numbers
+                        classes here (numbers keep theirs, class names in sorted order)
     prompt_adherence    does an image show what its built-in caption says (colours by cell):
                         the built-in shapes' text-to-image score
     fetch_text          rows of train.py's caption-embedding cache as a batch's (text, mask)

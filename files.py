@@ -4,7 +4,8 @@ line that names it and the fix. It imports nothing of the project, so any file c
 
     UserError        a problem with what the user gave (a flag, a file); the scripts print its
                      message as one line, `error: ...`, and exit with status 2 (run_main; a bad
-                     flag value: flag_error, and check_ranges for the usual ranges)
+                     flag value: flag_error, and check_ranges for the usual ranges; check_output
+                     for an output path that could not be written at the end)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
                      (write_json, write_jsonl, write_text, write_arrays: the usual formats through it)
@@ -12,6 +13,7 @@ line that names it and the fix. It imports nothing of the project, so any file c
     save_checkpoint  a checkpoint, atomically; load_checkpoint reads it back, or says in one line
                      what the file is instead
     load_config      a model's config.json into its config dataclass, or one line naming the file
+                     (saved_kind: whether it is a DiT's or a tokenizer's)
     load_weights     safetensors weights into a model, or one line naming the first tensor that differs
     file_digest      a file's sha256: which weights a DiT was trained against
     json_digest      the sha256 of a JSON-able value: the key of a cache built from it
