@@ -335,7 +335,8 @@ def read_jsonl(path: str):
             finally:
                 first = False
             if not isinstance(obj, dict):
-                yield n, None, f"{path}:{n}: not a JSON object"
+                hint = "; the format is JSON lines: one object per line" if isinstance(obj, list) else ""
+                yield n, None, f"{path}:{n}: not a JSON object{hint}"
                 continue
             yield n, obj, None
 

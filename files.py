@@ -375,7 +375,8 @@ class lock_out:
                     pid, host = int(other["pid"]), str(other["host"])
                 except (OSError, ValueError, KeyError, TypeError):  # cut off as it was written, or gone since
                     pid, host = None, me["host"]
-                if host == me["host"] and (pid is None or not pid_running(pid)):
+                # Our own pid in it is a lock left by a killed run whose pid this process now has (a container).
+                if host == me["host"] and (pid is None or pid == me["pid"] or not pid_running(pid)):
                     try:
                         os.remove(self.path)  # stale: its run is gone
                     except FileNotFoundError:

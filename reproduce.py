@@ -217,6 +217,9 @@ def run_one(run, args, threads):
             train.main(train_argv(args, run, folder))
             result = {**run, "steps": args.steps, "train_seconds": round(time.time() - t0, 1),
                       **evaluate_run(folder, args, run["seed"]), "eval_images": args.eval_images}
+    except KeyboardInterrupt:  # not train.py's own resume command: the sweep resumes its runs
+        raise KeyboardInterrupt(f"the sweep stopped in run {run['name']}; run the same command again to resume "
+                                f"it") from None
     except (UserError, SystemExit) as e:  # said in the run's log only; the sweep says which run, and what to do
         why = str(e) if isinstance(e, UserError) else f"train.py refused its flags (see {log_path})"
         raise UserError(f"run {run['name']} failed: {why}  (its log: {log_path}; to redo the run, delete "
