@@ -255,7 +255,8 @@ def holdout(path, fraction, seed=0):
     unseen = set()
     for label, ks in by_class.items():
         if len(ks) < 2:
-            raise UserError(f"{path}: class {names[label] if names else label} has {len(ks)} caption(s); holding one out would leave none to train on")
+            raise UserError(f"{path}: class {names[label] if names else label} has {len(ks)} caption(s); holding one "
+                            f"out would leave none to train on")
         take = min(len(ks) - 1, max(1, round(fraction * len(ks))))  # at least one held out, one left
         unseen.update(rng.choice(ks, size=take, replace=False).tolist())
     stem = os.path.splitext(path)[0]

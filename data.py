@@ -395,7 +395,8 @@ def read_captions(path: str, root: str):
         if problem is None and file is None:
             problem = f"{path}:{n}: no 'file' (the image's path relative to {root})"
         if problem is None and os.path.isabs(file):
-            problem = f"{path}:{n}: 'file' is an absolute path ({file}); paths are relative to the image folder ({root})"
+            problem = (f"{path}:{n}: 'file' is an absolute path ({file}); paths are relative to the image folder "
+                       f"({root})")
         if problem is not None:
             problems[file or f"{path}:{n}"] = problem
             continue
@@ -418,11 +419,12 @@ def read_captions(path: str, root: str):
 class CaptionedImages(torch.utils.data.Dataset):
     """
     Images under `root` with captions from a JSON-lines file: {"file": "n01440764/x.JPEG",
-    "caption": "...", "label": 3 or "tench" (optional; numbered by class_labels)}. `file` is relative to `root`. With ImageNet-style
-    class folders (root/<class>/<image>) and no "label", the label is the class folder's index in
-    sorted order. Bad input (an unreadable image or caption line, an image without a caption or
-    with two, a null or empty caption, a caption for a missing file) is an error naming the file,
-    or, with skip_bad=True, skipped and counted, each image once.
+    "caption": "...", "label": 3 or "tench" (optional; numbered by class_labels)}. `file` is
+    relative to `root`. With ImageNet-style class folders (root/<class>/<image>) and no "label",
+    the label is the class folder's index in sorted order. Bad input (an unreadable image or
+    caption line, an image without a caption or with two, a null or empty caption, a caption for
+    a missing file) is an error naming the file, or, with skip_bad=True, skipped and counted,
+    each image once.
     """
 
     def __init__(self, root: str, captions_file: str, image_size: int = 256, skip_bad: bool = False,

@@ -90,7 +90,8 @@ def get_args(argv=None):
     # sweep of other settings (a smoke test) writes to a folder named after them unless --results says otherwise.
     name = "reproduce" if args.data == "builtin" else f"reproduce-{os.path.basename(os.path.normpath(args.data))}"
     if args.data == "builtin" and not published:
-        name = f"reproduce-{args.preset}-{json_digest([sweep_settings(args), args.tokens, args.seeds, args.ablation_tokens])[:8]}"
+        digest = json_digest([sweep_settings(args), args.tokens, args.seeds, args.ablation_tokens])
+        name = f"reproduce-{args.preset}-{digest[:8]}"
     args.out = args.out or os.path.join("out", name)
     args.results = args.results or ("docs/results" if args.data == "builtin" and published else args.out)
     # On a CPU two single-thread runs finish sooner than one run on two threads; a GPU takes one at a time.

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from data import ShapesDataset, class_labels, prompt_adherence, read_jsonl
 from devices import autocast, distributed
 from dit import DiT, Diffusion, generate
-from files import (MissingFile, UserError, check_output, check_ranges, file_digest, flag_error, flag_text, load_checkpoint,
-                   run_main, write_arrays)
+from files import (MissingFile, UserError, check_output, check_ranges, file_digest, flag_error, flag_text,
+                   load_checkpoint, run_main, write_arrays)
 from pixels import save_grid, to_uint8
 from textok import TexTok, TextEncoder, pretrained_folder
 
@@ -86,8 +86,8 @@ def load_class_captions(path):
         if problem is None:
             label, names = class_labels([r.get("label")], [f"{path}:{n}"], check_range=False)
             if label is None or names is not None:
-                problem = (f"{path}:{n}: label {r.get('label')!r} is not a class number; write the file with caption.py "
-                           f"--holdout, which numbers the classes as train.py does")
+                problem = (f"{path}:{n}: label {r.get('label')!r} is not a class number; write the file with "
+                           f"caption.py --holdout, which numbers the classes as train.py does")
         if problem is not None:
             raise UserError(problem)
         out.setdefault(label[0], []).append(r["caption"].strip())

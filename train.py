@@ -166,8 +166,8 @@ def check_args(p, args):
     check_ranges(p, args, at_least_1=("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps",
                                       "batch_size", "num_images", "val_images", "log_every", "eval_every",
                                       "save_every", "sample_steps"),
-                 not_negative=("seed", "warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr", "weight_decay",
-                               "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
+                 not_negative=("seed", "warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr",
+                               "weight_decay", "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
                  positive=("lr", "disc_lr", "grad_clip"), below_1=("beta1", "beta2", "ema_decay"))
     if args.min_lr > args.lr:
         error(f"{flag('min_lr')} is above {flag('lr')}: the schedule decays from --lr to --min-lr")
@@ -633,8 +633,8 @@ def train_dit(run):
     # data, never reads another's latents.
     data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set), json_digest(train_set.captions)]
     if args.data != "builtin":  # an image replaced under its own name: its size or modification time changes
-        stats = (os.stat(os.path.join(train_set.dataset.root, train_set.dataset.files[i])) for i in train_set.indices)
-        data_key.append([(st.st_size, st.st_mtime_ns) for st in stats])
+        stamps = (os.stat(os.path.join(train_set.dataset.root, train_set.dataset.files[i])) for i in train_set.indices)
+        data_key.append([(st.st_size, st.st_mtime_ns) for st in stamps])
     tok_digest = file_digest(tok_weights)  # keys the latent cache; sample.py checks it against the tokenizer it gets
     latents, stats = latent_cache(run, tok, train_set, train_text if tok_text else None, [tok_digest, data_key])
     mean, std = (torch.tensor(stats[k], device=device).float() for k in ("mean", "std"))  # (d,) each
