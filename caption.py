@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import IMAGE_EXTS, folder_labels, list_images, load_rgb, read_jsonl
+from data import IMAGE_EXTS, class_labels, folder_labels, list_images, load_rgb, read_jsonl
 from devices import distributed
-from files import MissingFile, UserError, check_ranges, first_line, flag_error, run_main, write_jsonl
+from files import MissingFile, UserError, check_output, check_ranges, first_line, flag_error, run_main, write_jsonl
 
 # What a chat VLM is asked. The paper's captions (Gemini 1.5 Flash, §4.1) are "detailed", up to 75
 # words; more descriptive captions reconstruct better (Table 4a), so the prompt asks for the
@@ -60,16 +60,25 @@ def find_images(root):
 
 def read_rows(path):
     """The rows of a caption file this script wrote (none if there is no file yet). A last line
-    cut off by a kill (no newline) is first dropped from the file; complete lines are never
-    touched. A line that does not read (data.read_jsonl) or names no file is one line, path:line."""
+    cut off by a kill (no newline, not JSON) is first dropped from the file; complete lines are
+    never dropped. A line that does not read (data.read_jsonl) or names no file is one line, path:line."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
         data = f.read()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line
-    if keep < len(data):
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial line, or a complete one
+    if keep < len(data):         # that an editor saved without its final newline: only the first is dropped
+        try:
+            json.loads(data[keep:].decode("utf-8-sig"))
+            complete = True
+        except ValueError:  # not JSON, or not UTF-8 (a character cut in two)
+            complete = False
         with open(path, "r+b") as f:
-            f.truncate(keep)
+            if complete:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")  # so that the next caption appended starts a line of its own
+            else:
+                f.truncate(keep)
     rows = []
     for n, r, problem in read_jsonl(path):
         if problem is None and not isinstance(r.get("file"), str):
@@ -183,9 +192,7 @@ def caption_folder(args, rank=0, world=1, device=None):
     unreadable image is skipped and counted, never fatal. -> (the file, images skipped)."""
     files, labels = find_images(args.data)
     if args.shard:
-        i, n = (int(v) for v in args.shard.split("/"))
-        if not 0 <= i < n:
-            raise UserError(f"--shard {args.shard}: expected i/n with 0 <= i < n")
+        i, n = args.shard
     else:
         i, n = rank, world
     path = args.out if n == 1 else f"{args.out}.shard-{i}-of-{n}"  # one writer per file
@@ -197,6 +204,7 @@ def caption_folder(args, rank=0, world=1, device=None):
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"captioning (shard {i}/{n})", unit="img")
     t0, count = time.time(), 0
     # Appended, never rewritten: a kill loses at most the line being written, which read_rows drops.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         for b in range(0, len(todo), args.batch_size):
             batch, images = [], []
@@ -227,27 +235,35 @@ def holdout(path, fraction, seed=0):
     captions, at least one, are held out and never trained on."""
     if not os.path.isfile(path):
         raise MissingFile(f"caption file {path} not found; fix --holdout")
-    rows = []
+    rows, lines = [], []
     for n, r, problem in read_jsonl(path):
         if problem is None and "label" not in r:
             problem = f"{path}:{n}: no 'label'; holding out captions per class needs class labels"
         if problem is not None:
             raise UserError(problem)
         rows.append(r)
+        lines.append(n)
+    # Numbered as train.py numbers the labels of this file (data.class_labels): the unseen file holds the
+    # class numbers the DiT is trained with, which sample.py --class-captions takes.
+    labels, names = class_labels([r["label"] for r in rows], [f"{path}:{n}" for n in lines], check_range=False)
+    if labels is None:
+        raise UserError(f"{path}: every 'label' is null; holding out captions per class needs class labels")
     rng = np.random.default_rng(seed)  # the same split for the same file and seed
     by_class = {}
-    for k, r in enumerate(rows):
-        by_class.setdefault(r["label"], []).append(k)
+    for k, label in enumerate(labels):
+        by_class.setdefault(label, []).append(k)
     unseen = set()
     for label, ks in by_class.items():
         if len(ks) < 2:
-            raise UserError(f"{path}: class {label} has {len(ks)} caption(s); holding one out would leave none to train on")
+            raise UserError(f"{path}: class {names[label] if names else label} has {len(ks)} caption(s); holding one "
+                            f"out would leave none to train on")
         take = min(len(ks) - 1, max(1, round(fraction * len(ks))))  # at least one held out, one left
         unseen.update(rng.choice(ks, size=take, replace=False).tolist())
     stem = os.path.splitext(path)[0]
     train_path, unseen_path = f"{stem}-train.jsonl", f"{stem}-unseen.jsonl"
     write_jsonl(train_path, [r for k, r in enumerate(rows) if k not in unseen])
-    write_jsonl(unseen_path, [{"label": rows[k]["label"], "caption": rows[k]["caption"]} for k in sorted(unseen)])
+    write_jsonl(unseen_path, [{"label": labels[k], **({"class": names[labels[k]]} if names else {}),
+                               "caption": rows[k]["caption"]} for k in sorted(unseen)])
     return train_path, unseen_path, len(unseen)
 
 
@@ -266,9 +282,15 @@ def get_args(argv=None):
     p.add_argument("--fraction", type=float, default=0.02, help="share of each class's captions to hold out")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    check_ranges(p, args, at_least_1=("max_words", "batch_size"))
+    check_ranges(p, args, at_least_1=("max_words", "batch_size"), not_negative=("seed",))
+    if args.shard:
+        i, slash, n = args.shard.partition("/")
+        if not (slash and i.isdigit() and n.isdigit() and int(i) < int(n)):
+            flag_error(p, f"--shard {args.shard}: expected i/n with 0 <= i < n, e.g. 0/4")
+        args.shard = int(i), int(n)
     if not 0 < args.fraction < 1:
         flag_error(p, f"--fraction {args.fraction}: must be between 0 and 1")
+    check_output(p, "--out", args.out)
     return args
 
 

@@ -15,6 +15,8 @@ Both return (image (3, H, W) float in [-1, 1], index, label (-1: none)). Caption
 `.captions` and labels in `.labels` (None when there are no classes), so the text encoder runs
 over them once (train.py caches the embeddings) and never per step.
 
+    class_labels        a caption file's labels as class numbers, checked: every script numbers
+                        classes here (numbers keep theirs, class names in sorted order)
     prompt_adherence    does an image show what its built-in caption says (colours by cell):
                         the built-in shapes' text-to-image score
     fetch_text          rows of train.py's caption-embedding cache as a batch's (text, mask)
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from files import MissingFile, UserError, first_line
 
@@ -258,6 +260,9 @@ def load_rgb(path: str, draft=None) -> Image.Image:
     if draft:
         img.draft("RGB", draft)
     img.load()  # decode now: a truncated file fails here, not later inside a DataLoader worker
+    # A camera stores a photo as its sensor saw it and says in EXIF how to turn it upright; every
+    # script reads images here, so training, captioning and evaluation all see it upright.
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         img = Image.fromarray(to_8bit(np.asarray(img)))  # mode L, converted to RGB below
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
@@ -280,9 +285,17 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def list_images(root: str) -> list[str]:
-    """Paths (relative to root, sorted) of every image file under root, at any depth."""
-    return sorted(os.path.relpath(os.path.join(d, name), root) for d, _, names in os.walk(root)
-                  for name in names if name.lower().endswith(IMAGE_EXTS))
+    """Paths (relative to root, sorted) of every image file under root, at any depth. Symlinked
+    folders are followed (a class folder linked in from elsewhere), each real folder once."""
+    seen, out = set(), []
+    for d, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:  # a link back up the tree would loop for ever
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [os.path.relpath(os.path.join(d, name), root) for name in names if name.lower().endswith(IMAGE_EXTS)]
+    return sorted(out)
 
 
 def folder_labels(files: list[str]):
@@ -300,6 +313,7 @@ def read_jsonl(path: str):
     a line that is not UTF-8, its reading with the bad bytes replaced, which tells the caller the
     image it is about. A UTF-8 byte-order mark at a line's start is accepted (editors write one).
     """
+    first = True
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
@@ -317,17 +331,63 @@ def read_jsonl(path: str):
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
+                if first and text.strip() in ("[", "{"):  # the whole file is one (pretty-printed) JSON value
+                    raise UserError(f"{path}:{n}: the file is one JSON {'array' if text.strip() == '[' else 'object'} "
+                                    f"over many lines; the format is JSON lines: one object per line") from None
                 yield n, None, f"{path}:{n}: not JSON ({e.msg} at column {e.colno})"
                 continue
+            finally:
+                first = False
             if not isinstance(obj, dict):
-                yield n, None, f"{path}:{n}: not a JSON object"
+                hint = "; the format is JSON lines: one object per line" if isinstance(obj, list) else ""
+                yield n, None, f"{path}:{n}: not a JSON object{hint}"
                 continue
             yield n, obj, None
 
 
+def class_labels(raw: list, where: list[str], check_range: bool = True):
+    """
+    The labels of a caption file, as given -> (class numbers, class names or None); None for both
+    when no line has a label. Every script numbers classes here, alike (train.py, caption.py
+    --holdout, sample.py --class-captions): ints, and strings that are integers ("7"), keep their
+    number; class names ("dog") are numbered in sorted order (cat 0, dog 1, ...). Refused, naming
+    where[i] ('file:line'): a label on some lines only, one that is neither, names mixed with
+    numbers, a negative number, and (check_range) a number of 2x the count of distinct labels or
+    more: a label of 100000 among 10 classes would build 100000 class embeddings, nearly all unseen.
+    """
+    if all(v is None for v in raw):
+        return None, None
+    number = lambda v: (v if isinstance(v, int) and not isinstance(v, bool) else
+                        int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else None)
+    numbers = [number(v) for v in raw]
+    fix = "give every line an int label 0, 1, ... or a class name"
+    for v, k, w in zip(raw, numbers, where):
+        if v is None:
+            first = where[next(i for i, u in enumerate(raw) if u is not None)]
+            raise UserError(f"{w}: no 'label', but other lines have one ({first}); {fix}, or none a label")
+        if k is None and not (isinstance(v, str) and v.strip()):
+            raise UserError(f"{w}: label {v!r} is neither an int nor a class name; {fix}")
+    if all(k is None for k in numbers):
+        names = sorted({v.strip() for v in raw})
+        return [names.index(v.strip()) for v in raw], names
+    if any(k is None for k in numbers):
+        i, j = numbers.index(None), next(i for i, k in enumerate(numbers) if k is not None)
+        raise UserError(f"{where[i]}: label {raw[i]!r} is a class name, but {where[j]} has the number "
+                        f"{raw[j]!r}; {fix}, not both")
+    for k, w in zip(numbers, where):
+        if k < 0:
+            raise UserError(f"{w}: label {k} is negative; {fix}")
+    distinct, top = len(set(numbers)), max(numbers)
+    if check_range and top >= 2 * distinct:
+        raise UserError(f"{where[numbers.index(top)]}: label {top} is far beyond the {distinct} distinct label(s) "
+                        f"(a model of {top + 1} classes, most never seen); number the classes 0..{distinct - 1}, "
+                        f"or give class names")
+    return numbers, None
+
+
 def read_captions(path: str, root: str):
     """
-    The caption file of an image folder: ({file: (caption, label or None)}, {key: problem}),
+    The caption file of an image folder: ({file: (caption, label or None, line)}, {key: problem}),
     files normalised and relative to `root`. A problem is keyed by its image when the line names
     one, else by its line: a line that does not read, a caption that is null, empty or not text,
     and an image captioned on more than one line (which of them is right? both are dropped).
@@ -338,6 +398,9 @@ def read_captions(path: str, root: str):
         file = os.path.normpath(file) if isinstance(file, str) and file.strip() else None
         if problem is None and file is None:
             problem = f"{path}:{n}: no 'file' (the image's path relative to {root})"
+        if problem is None and os.path.isabs(file):
+            problem = (f"{path}:{n}: 'file' is an absolute path ({file}); paths are relative to the image folder "
+                       f"({root})")
         if problem is not None:
             problems[file or f"{path}:{n}"] = problem
             continue
@@ -353,18 +416,19 @@ def read_captions(path: str, root: str):
                     else "empty" if isinstance(caption, str) else f"non-text ({caption!r})")
             problems[file] = where + f"{what} caption ({path}:{n})"
             continue
-        records[file] = (caption.strip(), r.get("label"))
+        records[file] = (caption.strip(), r.get("label"), n)
     return {f: v for f, v in records.items() if f not in problems}, problems  # a bad line for it drops it
 
 
 class CaptionedImages(torch.utils.data.Dataset):
     """
     Images under `root` with captions from a JSON-lines file: {"file": "n01440764/x.JPEG",
-    "caption": "...", "label": 3 (optional)}. `file` is relative to `root`. With ImageNet-style
-    class folders (root/<class>/<image>) and no "label", the label is the class folder's index in
-    sorted order. Bad input (an unreadable image or caption line, an image without a caption or
-    with two, a null or empty caption, a caption for a missing file) is an error naming the file,
-    or, with skip_bad=True, skipped and counted, each image once.
+    "caption": "...", "label": 3 or "tench" (optional; numbered by class_labels)}. `file` is
+    relative to `root`. With ImageNet-style class folders (root/<class>/<image>) and no "label",
+    the label is the class folder's index in sorted order. Bad input (an unreadable image or
+    caption line, an image without a caption or with two, a null or empty caption, a caption for
+    a missing file) is an error naming the file, or, with skip_bad=True, skipped and counted,
+    each image once.
     """
 
     def __init__(self, root: str, captions_file: str, image_size: int = 256, skip_bad: bool = False,
@@ -378,6 +442,9 @@ class CaptionedImages(torch.utils.data.Dataset):
         # problems: what is wrong, one entry per image (or per caption line naming no image), so
         # that each bad image is reported, and counted, once.
         records, problems = read_captions(captions_file, root)
+        # Numbered once over the whole file (an image skipped never renumbers the classes), before any image is read.
+        labels, self.class_names = class_labels([r[1] for r in records.values()],
+                                                [f"{captions_file}:{r[2]}" for r in records.values()])
         on_disk = list_images(root)
         on_disk_set = set(on_disk)
         for f in on_disk:
@@ -408,12 +475,11 @@ class CaptionedImages(torch.utils.data.Dataset):
             raise UserError(f"no usable captioned images under {root} with {captions_file}")
         self.files = good
         self.captions = [records[f][0] for f in good]
-        raw = [records[f][1] for f in good]
-        if all(r is not None for r in raw):  # labels given in the file (ints, or class names)
-            names = sorted({str(r) for r in raw})
-            self.labels = [int(r) if isinstance(r, int) else names.index(str(r)) for r in raw]
-        else:  # ImageNet-style class folders, or None
-            self.labels = folder_labels(good)
+        if labels is not None:  # labels given in the file (numbers, or class names: class_labels)
+            label_of = dict(zip(records, labels))
+        else:  # ImageNet-style class folders (numbered over every folder, as caption.py does), or None
+            label_of = dict(zip(on_disk, folder_labels(on_disk) or [None] * len(on_disk)))
+        self.labels = None if label_of[good[0]] is None else [label_of[f] for f in good]
 
     def __len__(self):
         return len(self.files)

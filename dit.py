@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import MissingFile, UserError, atomic_write, load_config, load_weights, write_json
+from files import MissingFile, UserError, atomic_write, load_config, load_weights, saved_kind, write_json
 
 
 CONDS = ("class", "text")  # the original DiT (a class label), or DiT-T2I (cross-attention to the caption)
@@ -313,6 +313,9 @@ class DiT(nn.Module):
             if not os.path.isfile(path):
                 raise MissingFile(f"{path} not found: point at a folder written by DiT.save_pretrained() "
                                   f"(train.py --stage dit writes <out>/dit/)")
+        if saved_kind(cfg_path) == "tokenizer":
+            raise UserError(f"{folder} is a tokenizer, not a DiT; pass a DiT's folder (train.py --stage dit writes "
+                            f"<out>/dit/) or its checkpoint")
         model = cls(load_config(DiTConfig, cfg_path, part="config"))
         with open(cfg_path) as f:
             meta = json.load(f).get("meta")  # valid JSON: load_config has read it

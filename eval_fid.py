@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IMAGE_EXTS, load_rgb, prompt_adherence
-from files import MissingFile, UserError, atomic_write, check_ranges, first_line, run_main, write_arrays, write_json
+from data import IMAGE_EXTS, list_images, load_rgb, prompt_adherence
+from files import (MissingFile, UserError, atomic_write, check_output, check_ranges, first_line, flag_error, run_main,
+                   write_arrays, write_json)
 from pixels import psnr, ssim, to_uint8, to_unit
 
 #################################################################################
@@ -253,8 +254,7 @@ def load_source(path):
     """A folder, an images .npz (arr_0) or a stats .npz -> dict with any of: images (n, H, W, 3)
     uint8 or a list of files, mu, sigma, features, prompts."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                       if f.lower().endswith(IMAGE_EXTS))
+        files = [os.path.join(path, f) for f in list_images(path)]  # symlinked folders followed, as training does
         if not files:
             raise UserError(f"no images ({', '.join(IMAGE_EXTS)}) under {path}")
         return {"files": files, "path": path}
@@ -276,8 +276,27 @@ def load_source(path):
         raise UserError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma)")
     if "mu" in out and "sigma" not in out:
         raise UserError(f"{path} holds 'mu' but no 'sigma'; write statistics with eval_fid.py stats")
+    # Statistics of another network (or layer) cannot be compared with these: said before the Inception runs.
+    dim = Stats().sum.shape[0]
+    for k, want in (("mu", (dim,)), ("sigma", (dim, dim)), ("features", (len(out.get("features", ())), dim))):
+        if k in out and out[k].shape != want:
+            raise UserError(f"{path}: {k} has shape {out[k].shape}, but the Inception's pool features give {want}; "
+                            f"these statistics are of another network: compute them with eval_fid.py stats")
     out["path"] = path
     return out
+
+
+def check_files(src):
+    """Every image of a folder source decodes, checked before any Inception pass (a bad one found
+    mid-pass would lose the pass): one line naming the first that does not."""
+    from concurrent.futures import ThreadPoolExecutor
+    from data import image_problem
+    if "files" not in src:
+        return
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        for problem in pool.map(lambda f: image_problem(f, 299), src["files"]):
+            if problem:
+                raise UserError(f"{problem}; remove it from the folder")
 
 
 def image_batches(src, batch_size):
@@ -499,6 +518,8 @@ def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, 
     if data == run.get("data"):  # so are the keys of its shards or Parquet columns
         caption_key, image_key = caption_key or run.get("caption_key"), image_key or run.get("image_key")
     seed = seed if seed is not None else run.get("seed", 0)
+    if data == "builtin" and captions:  # it would score built-in scenes, the file unread
+        raise UserError(f"--captions {captions} goes with --data FOLDER, the images it captions; pass --data")
     if data == "builtin":
         n = num_images or 1000
         return (ShapesDataset(n, image_size, seed=seed + 1),
@@ -568,6 +589,13 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     check_ranges(p, args, at_least_1=("batch_size", "k") if args.command == "gen" else ("batch_size",),
                  not_negative=("train_images",) if args.command == "recon" else ())
+    # Written at the end of the work: a path that cannot be written is refused now (a missing folder is made).
+    for flag, name in (("--json", "json"), ("--out", "out"), ("--save-ref-stats", "save_ref_stats")):
+        check_output(p, flag, getattr(args, name, None))
+    if args.command == "recon" and args.seed is not None and args.seed < 0:
+        flag_error(p, f"--seed {args.seed}: must not be negative")
+    if args.command == "recon" and args.files and not os.path.isfile(args.files):
+        flag_error(p, f"--files {args.files}: no such file; fix the path")
     return args
 
 
@@ -637,6 +665,7 @@ def main(argv=None):
         results = adherence_report(args.samples)
     elif args.command == "stats":
         src = load_source(args.images)
+        check_files(src)
         if num_images(src) < 2:
             raise UserError(f"{args.images} holds {num_images(src)} image(s): statistics need at least 2 (a covariance)")
         feats, _, mu, sigma = features_of(src, load_inception(args), args.batch_size, "images")
@@ -645,6 +674,8 @@ def main(argv=None):
     elif args.command == "gen":
         samples, ref = load_source(args.samples), load_source(args.ref)
         check_counts(samples, ref, args.k)  # before loading the Inception, let alone running it
+        check_files(samples)
+        check_files(ref)
         results, (f_r, mu_r, sg_r) = evaluate_generation(samples, ref, load_inception(args), args.batch_size, args.k,
                                                          args.clip_model)
         if args.save_ref_stats:  # a reference computed once serves every later comparison

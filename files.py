@@ -4,7 +4,8 @@ line that names it and the fix. It imports nothing of the project, so any file c
 
     UserError        a problem with what the user gave (a flag, a file); the scripts print its
                      message as one line, `error: ...`, and exit with status 2 (run_main; a bad
-                     flag value: flag_error, and check_ranges for the usual ranges)
+                     flag value: flag_error, and check_ranges for the usual ranges; check_output
+                     for an output path that could not be written at the end)
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
                      (write_json, write_jsonl, write_text, write_arrays: the usual formats through it)
@@ -12,10 +13,13 @@ line that names it and the fix. It imports nothing of the project, so any file c
     save_checkpoint  a checkpoint, atomically; load_checkpoint reads it back, or says in one line
                      what the file is instead
     load_config      a model's config.json into its config dataclass, or one line naming the file
+                     (saved_kind: whether it is a DiT's or a tokenizer's)
     load_weights     safetensors weights into a model, or one line naming the first tensor that differs
     file_digest      a file's sha256: which weights a DiT was trained against
     json_digest      the sha256 of a JSON-able value: the key of a cache built from it
     claim_out        train.py's --out: a run in it is never replaced without --resume or --overwrite
+    lock_out         train.py's --out is one run's at a time: a lock file (pid, host) held for the run
+    check_resume     before any work, that --resume has a checkpoint of this stage to continue
     read_checkpoint  the checkpoint --resume continues, once it fits the flags, or one line saying why not
 """
 import errno
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import pickle
+import socket
 import sys
 from dataclasses import fields
 
@@ -46,12 +51,17 @@ class DiskFull(UserError, OSError):
 
 def run_main(main):
     """A script's entry point: runs main(); a UserError becomes `error: <message>` on stderr and
-    exit status 2 (argparse's status for bad flags), without a traceback."""
+    exit status 2 (argparse's status for bad flags), without a traceback. Ctrl-C is one line too,
+    `interrupted`, with what the KeyboardInterrupt says (train.py: the step and how to resume),
+    and the shell's status for it, 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        sys.exit(130)
 
 
 def flag_error(parser, message: str):
@@ -80,6 +90,26 @@ def check_ranges(parser, args, at_least_1=(), not_negative=(), positive=(), belo
                 flag_error(parser, f"{flag_text(args, name)}: {rule}")
 
 
+def check_output(parser, flag: str, path: str, folder: bool = False) -> None:
+    """Refuses (flag_error), before any work, an output path that could not be written at the end:
+    a file's path that is a folder (a folder's, with folder=True, that is a file), or one whose
+    nearest existing folder is a file or not writable. A missing folder is fine: atomic_write
+    (or the script) makes it."""
+    if path is None:
+        return
+    if not folder and os.path.isdir(path):
+        flag_error(parser, f"{flag} {path} is a folder; give the path of a file in it")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        flag_error(parser, f"{flag} {path} is a file, not a folder; fix the path")
+    probe = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        flag_error(parser, f"{flag} {path}: {probe} is a file, not a folder; fix the path")
+    if not os.access(probe, os.W_OK):
+        flag_error(parser, f"{flag} {path}: the folder {probe} is not writable; pick another place")
+
+
 def first_line(e: BaseException, limit: int = 160) -> str:
     """An exception's class and the first sentence of its message, for quoting inside one line."""
     text = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:limit]
@@ -94,12 +124,15 @@ def atomic_write(path: str, write, shared: bool = False) -> None:
     """
     write(tmp) writes the new content into the temporary path `tmp` beside `path`; it is then
     flushed to the disk (fsync, so a power cut after the rename cannot leave an empty file) and
-    renamed over `path` (atomic on POSIX). Any failure, Ctrl-C included, removes the temporary
-    file and leaves `path` as it was; a full disk is a DiskFull naming the file. A kill -9 can
-    leave the temporary file, which the next write of `path` replaces; with shared=True (a
-    cache that other processes may be filling at the same moment) each process writes its own.
+    renamed over `path` (atomic on POSIX), in a folder made if missing. Any failure, Ctrl-C
+    included, removes the temporary file and leaves `path` as it was; a full disk is a DiskFull
+    naming the file. A kill -9 can leave the temporary file, which the next write of `path`
+    replaces; with shared=True (a cache that other processes may be filling at the same moment)
+    each process writes its own.
     """
     tmp = f"{path}.{os.getpid()}.tmp" if shared else f"{path}.tmp"
+    # The folder is made here, so that no output is lost at the end of the work for want of it.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -189,7 +222,7 @@ def save_checkpoint(state: dict, path: str) -> None:
 #                                    Reading                                    #
 #################################################################################
 
-def load_checkpoint(path: str, need: tuple, fix: str, device="cpu") -> dict:
+def load_checkpoint(path: str, need: tuple, fix: str, device="cpu", mmap: bool = False) -> dict:
     """
     A checkpoint train.py wrote (tensors and plain types only, so torch.load(weights_only=True)
     reads it without running any code), holding the keys `need`. Anything else is a UserError
@@ -200,7 +233,7 @@ def load_checkpoint(path: str, need: tuple, fix: str, device="cpu") -> dict:
     if os.path.getsize(path) == 0:
         raise UserError(f"{path} is empty (0 bytes); {fix}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise UserError(f"{path} is damaged or not a PyTorch checkpoint ({first_line(e)}); {fix}") from None
@@ -214,6 +247,19 @@ def load_checkpoint(path: str, need: tuple, fix: str, device="cpu") -> dict:
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint (it has no {missing[0]!r}); {fix}")
     return ckpt
+
+
+def saved_kind(path: str):
+    """Which model a config.json was saved with: "dit" (its settings under 'config', beside the
+    'meta'), "tokenizer" (TexTok's settings at the top), or None (not JSON, or neither)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(raw, dict) and "config" in raw and "meta" in raw:
+        return "dit"
+    return "tokenizer" if isinstance(raw, dict) and "num_tokens" in raw and "patch_size" in raw else None
 
 
 def load_config(config_cls, path: str, part: str = None):
@@ -305,17 +351,87 @@ def claim_out(args, master: bool) -> None:
         os.remove(log_path)
 
 
-def read_checkpoint(path: str, args, device, master: bool, config: dict) -> dict:
-    """The checkpoint to resume from, once it fits: its stage, its step, the model `config` describes
-    (one line, not a size mismatch per tensor). Warns of changed flags; cuts the log to its step."""
-    ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device,
-                           fix="nothing to resume: drop --resume (adding --overwrite to start over in this --out), "
-                               "or fix --out")
+class lock_out:
+    """
+    `with lock_out(folder):` holds <folder>/run.lock, which names this process (pid and host), for
+    the length of a run: a second run into the same --out is refused in one line naming the first
+    (it would have overwritten its checkpoints and log mid-run). The lock goes on exit and on any
+    exception, Ctrl-C included; after a kill -9 it stays, and the next run takes it over once its
+    pid is no longer running (on this host: another host's pid cannot be checked).
+    """
+
+    def __init__(self, folder: str):
+        self.path, self.held = os.path.join(folder, "run.lock"), False
+
+    def __enter__(self):
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):  # a second try after taking over a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        other = json.load(f)
+                    pid, host = int(other["pid"]), str(other["host"])
+                except (OSError, ValueError, KeyError, TypeError):  # cut off as it was written, or gone since
+                    pid, host = None, me["host"]
+                # Our own pid in it is a lock left by a killed run whose pid this process now has (a container).
+                if host == me["host"] and (pid is None or pid == me["pid"] or not pid_running(pid)):
+                    try:
+                        os.remove(self.path)  # stale: its run is gone
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise UserError(f"{os.path.dirname(self.path)} is in use by another run (pid {pid} on {host}, "
+                                f"{self.path}); wait for it to end or stop it, or pass another --out (if no run "
+                                f"is going on {host}, delete {self.path})") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise UserError(f"could not take {self.path}: another run keeps taking it; pass another --out")
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+        return False
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (signal 0 checks without sending one)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
+
+
+RESUME_FIX = "nothing to resume: drop --resume (adding --overwrite to start over in this --out), or fix --out"
+
+
+def check_resume(path: str, args) -> None:
+    """What --resume needs, checked before any work (a caption cache can take minutes): a
+    checkpoint that reads, of this --stage, not past --steps. Memory-mapped: the tensors are
+    not read. read_checkpoint, once the model is built, checks that it fits the model too."""
+    ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), fix=RESUME_FIX, mmap=True)
     if ckpt["args"].get("stage", "tokenizer") != args.stage:
         raise UserError(f"{path} is a --stage {ckpt['args'].get('stage')} checkpoint; fix --out or --stage")
     if ckpt["step"] > args.steps:
         raise UserError(f"{path} is at step {ckpt['step']}, past --steps {args.steps}; pass --steps "
                         f"{ckpt['step']} or more to resume it")
+
+
+def read_checkpoint(path: str, args, device, master: bool, config: dict) -> dict:
+    """The checkpoint to resume from, once it fits: its stage, its step, the model `config` describes
+    (one line, not a size mismatch per tensor). Warns of changed flags; cuts the log to its step."""
+    check_resume(path, args)
+    ckpt = load_checkpoint(path, ("step", "args", "config", "rng_cpu", "rng_cuda"), device=device, fix=RESUME_FIX)
     differ = [k for k in config if ckpt["config"].get(k) != config[k]]
     if differ:
         saved = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in differ)

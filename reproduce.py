@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
-from files import UserError, run_main, write_json, write_text
+from files import UserError, check_output, check_ranges, flag_error, json_digest, run_main, write_json, write_text
 
 VARIANTS = ("none", "tokenizer", "detokenizer", "both")  # Table 4d's rows, in its order
 # What every run reports on its held-out images: the rFID of Table 1, and the pixel metrics beside it.
@@ -74,26 +74,61 @@ def get_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images/captions")
     p.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. \"--lr 5e-4\"")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
-    p.add_argument("--out", default=None, help="run folders (default out/reproduce, or out/reproduce-<folder name>)")
-    p.add_argument("--results", default=None, help="where the summary goes (default docs/results for the built-in "
-                                                  "data, else <out>)")
+    p.add_argument("--out", default=None, help="run folders (default out/reproduce for the published settings, "
+                   "else out/reproduce-<folder name> or out/reproduce-<preset>-<hash of the settings>)")
+    p.add_argument("--results", default=None, help="where the summary goes (default docs/results, and the README's "
+                   "table, for the published settings: the cpu preset's defaults on the built-in data; else <out>)")
     p.add_argument("--cache-dir", default="cache", help="caption-embedding cache shared by the runs")
     p.add_argument("--report", action="store_true", help="only summarise the runs that have finished")
     args = p.parse_args(argv)
+    published = published_settings(args)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     # Another dataset's sweep gets its own folder: it never resumes, or averages with, the built-in one's runs.
+    # The published numbers (docs/results, the README's table) come from the cpu preset's defaults alone: a
+    # sweep of other settings (a smoke test) writes to a folder named after them unless --results says otherwise.
     name = "reproduce" if args.data == "builtin" else f"reproduce-{os.path.basename(os.path.normpath(args.data))}"
+    if args.data == "builtin" and not published:
+        digest = json_digest([sweep_settings(args), args.tokens, args.seeds, args.ablation_tokens])
+        name = f"reproduce-{args.preset}-{digest[:8]}"
     args.out = args.out or os.path.join("out", name)
-    args.results = args.results or ("docs/results" if args.data == "builtin" else args.out)
+    args.results = args.results or ("docs/results" if args.data == "builtin" and published else args.out)
     # On a CPU two single-thread runs finish sooner than one run on two threads; a GPU takes one at a time.
     if args.jobs is None:
         args.jobs = 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+    check_ranges(p, args, at_least_1=("jobs", "steps", "image_size", "patch_size", "batch_size", "num_images",
+                                      "eval_images"), not_negative=("ablation_tokens", "lpips_weight"))
+    for name in ("tokens", "seeds"):
+        values = getattr(args, name)
+        shown = f"--{name} {' '.join(map(str, values))}"
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:  # one run per value: a repeat would be trained twice and averaged as if it were another
+            flag_error(p, f"{shown}: {twice[0]} is given twice; list each once")
+        if min(values) < (1 if name == "tokens" else 0):
+            flag_error(p, f"{shown}: " + ("token counts must be at least 1" if name == "tokens" else
+                                          "seeds must not be negative"))
+    if args.captions and args.data == "builtin":  # it would sweep the built-in shapes, the file unread
+        flag_error(p, f"--captions {args.captions} goes with --data FOLDER, the images it captions; pass --data")
+    # Checked once here, not found missing by every run of the sweep in turn.
+    if args.data != "builtin" and not os.path.isdir(args.data):
+        flag_error(p, f"--data {args.data}: no such image folder; fix --data")
+    if args.captions and not os.path.isfile(args.captions):
+        flag_error(p, f"--captions {args.captions}: no such caption file; fix --captions")
+    check_output(p, "--out", args.out, folder=True)
+    check_output(p, "--results", args.results, folder=True)  # written at the very end of the sweep
     # The ablation is read beside TexTok and the baseline at the same count, so that count must be swept.
     if args.ablation_tokens and args.ablation_tokens not in args.tokens:
         raise UserError(f"--ablation-tokens {args.ablation_tokens} must be one of --tokens {args.tokens}")
     return args
+
+
+def published_settings(args):
+    """Whether the flags (before the preset fills them in) are the published sweep's: the cpu preset's
+    defaults on the built-in data, nothing added (README, Results)."""
+    preset = PRESETS["cpu"]
+    return (args.preset == "cpu" and args.data == "builtin" and not args.captions and not args.train_flags
+            and args.seeds == [0, 1, 2] and all(getattr(args, k) in (None, v) for k, v in preset.items()))
 
 
 #################################################################################
@@ -183,12 +218,20 @@ def run_one(run, args, threads):
     folder = os.path.join(args.out, run["name"])
     os.makedirs(folder, exist_ok=True)
     # train.py's output goes to the run's own log: --jobs runs at once would interleave their progress bars.
-    with open(os.path.join(folder, "run.log"), "a") as log, contextlib.redirect_stdout(log), \
-            contextlib.redirect_stderr(log):
-        t0 = time.time()
-        train.main(train_argv(args, run, folder))
-        result = {**run, "steps": args.steps, "train_seconds": round(time.time() - t0, 1),
-                  **evaluate_run(folder, args, run["seed"]), "eval_images": args.eval_images}
+    log_path = os.path.join(folder, "run.log")
+    try:
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            t0 = time.time()
+            train.main(train_argv(args, run, folder))
+            result = {**run, "steps": args.steps, "train_seconds": round(time.time() - t0, 1),
+                      **evaluate_run(folder, args, run["seed"]), "eval_images": args.eval_images}
+    except KeyboardInterrupt:  # not train.py's own resume command: the sweep resumes its runs
+        raise KeyboardInterrupt(f"the sweep stopped in run {run['name']}; run the same command again to resume "
+                                f"it") from None
+    except (UserError, SystemExit) as e:  # said in the run's log only; the sweep says which run, and what to do
+        why = str(e) if isinstance(e, UserError) else f"train.py refused its flags (see {log_path})"
+        raise UserError(f"run {run['name']} failed: {why}  (its log: {log_path}; to redo the run, delete "
+                        f"{folder} and run the sweep again)") from None
     write_json(os.path.join(folder, "result.json"), result)
     return result
 
@@ -410,7 +453,9 @@ def main(argv=None):
     args = get_args(argv)
     command = "python reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runs = plan(args)
-    os.makedirs(args.out, exist_ok=True)
+    # Every run's train.py flags are checked now, in one line on the terminal, not in the first run's log.
+    import train
+    train.get_args(train_argv(args, runs[0], os.path.join(args.out, runs[0]["name"])))
     # sweep.json pins the shared settings: runs made with other settings would be averaged together.
     settings_path = os.path.join(args.out, "sweep.json")
     if os.path.isfile(settings_path):
@@ -420,7 +465,8 @@ def main(argv=None):
         if changed:
             raise UserError(f"{args.out} holds a sweep with other settings (saved, now): {changed}; resume it with "
                              f"the same flags, or pass another --out")
-    else:
+    elif not args.report:  # written by a sweep that trains: a --report of nothing pins no settings
+        os.makedirs(args.out, exist_ok=True)
         write_json(settings_path, sweep_settings(args))
     # A run with a result.json is finished: the same command run again trains only the others.
     todo = [run for run in runs if read_result(args, run) is None]
@@ -435,16 +481,27 @@ def main(argv=None):
             bar.write(f"{r['name']}: PSNR {r['psnr']:.2f} dB, rFID {r['rfid']:.1f}"
                       + (f", with another caption {r['psnr_other']:.2f} dB" if "psnr_other" in r else ""))
             bar.update(1)
+        failed = []  # a run that fails is said at the end; the others go on
         if args.jobs == 1:  # in this process (a GPU, or a one-core machine)
             for run in todo:
-                done(run_one(run, args, threads))
+                try:
+                    done(run_one(run, args, threads))
+                except UserError as e:
+                    bar.write(f"error: {e}")
+                    failed.append(e)
         else:
             # spawn, not fork: each worker starts a fresh interpreter, not a copy of this one's torch state (a
             # forked child inherits its thread pool, and cannot initialise CUDA once the parent has).
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for future in as_completed([pool.submit(run_one, run, args, threads) for run in todo]):
-                    done(future.result())  # a failed run raises here; its run.log says why
+                    try:
+                        done(future.result())  # a failed run raises here (run_one names it)
+                    except UserError as e:
+                        bar.write(f"error: {e}")
+                        failed.append(e)
         bar.close()
+        if failed:
+            raise UserError(f"{len(failed)} of {len(todo)} run(s) failed, the first: {failed[0]}")
     return report(args, runs, command)
 
 

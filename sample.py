@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import ShapesDataset, prompt_adherence, read_jsonl
+from data import ShapesDataset, class_labels, prompt_adherence, read_jsonl
 from devices import autocast, distributed
 from dit import DiT, Diffusion, generate
-from files import MissingFile, UserError, check_ranges, file_digest, flag_error, load_checkpoint, run_main, write_arrays
+from files import (MissingFile, UserError, check_output, check_ranges, file_digest, flag_error, flag_text,
+                   load_checkpoint, run_main, write_arrays)
 from pixels import save_grid, to_uint8
 from textok import TexTok, TextEncoder, pretrained_folder
 
@@ -73,17 +74,23 @@ def load_tokenizer(path, meta, device="cpu"):
 
 
 def load_class_captions(path):
-    """{label: [captions]} from a JSON-lines file of {"label": int, "caption": str}."""
+    """{label: [captions]} from a JSON-lines file of {"label": int, "caption": str}. A label is the
+    class number the DiT was trained with: an int, or a string that is one ("7"), as train.py reads
+    labels (data.class_labels); caption.py --holdout writes these numbers."""
     if not os.path.isfile(path):
         raise MissingFile(f"class caption file {path} not found; fix --class-captions")
     out = {}
     for n, r, problem in read_jsonl(path):
-        if problem is None and not (isinstance(r.get("label"), int) and isinstance(r.get("caption"), str)
-                                    and r["caption"].strip()):
+        if problem is None and not (isinstance(r.get("caption"), str) and r["caption"].strip()):
             problem = f"{path}:{n}: not a JSON object with an int 'label' and a non-empty 'caption'"
+        if problem is None:
+            label, names = class_labels([r.get("label")], [f"{path}:{n}"], check_range=False)
+            if label is None or names is not None:
+                problem = (f"{path}:{n}: label {r.get('label')!r} is not a class number; write the file with "
+                           f"caption.py --holdout, which numbers the classes as train.py does")
         if problem is not None:
             raise UserError(problem)
-        out.setdefault(r["label"], []).append(r["caption"].strip())
+        out.setdefault(label[0], []).append(r["caption"].strip())
     return out
 
 
@@ -128,12 +135,16 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not 1 <= args.steps <= Diffusion().T:
         flag_error(p, f"--steps {args.steps}: must be in 1..{Diffusion().T} (the diffusion's steps)")
-    check_ranges(p, args, at_least_1=("per_row", "batch_size"))
+    check_ranges(p, args, at_least_1=("per_row", "batch_size"), not_negative=("num_samples", "seed"))
+    for name in ("prompts_file", "class_captions"):
+        if getattr(args, name) is not None and not os.path.isfile(getattr(args, name)):
+            flag_error(p, f"{flag_text(args, name)}: no such file; fix the path")
     # Checked before any sampling: a wrong suffix would otherwise surface only when the file is written.
     suffixes = (".npz",) if args.num_samples > 0 else (".png", ".jpg", ".jpeg")
     if args.out and not args.out.lower().endswith(suffixes):
         what = "--num-samples writes an .npz" if args.num_samples > 0 else "the grid is a .png or .jpg"
         flag_error(p, f"--out {args.out}: {what}; end the path with {suffixes[0]}")
+    check_output(p, "--out", args.out)
     return args
 
 

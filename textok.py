@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import MissingFile, UserError, atomic_write, load_config, load_weights, write_json
+from files import MissingFile, UserError, atomic_write, load_config, load_weights, saved_kind, write_json
 
 
 #################################################################################
@@ -503,6 +503,9 @@ class TexTok(nn.Module):
             if not os.path.isfile(path):
                 raise MissingFile(f"{path} not found: point at a folder written by "
                                   f"TexTok.save_pretrained() (train.py writes <out>/tokenizer/)")
+        if saved_kind(cfg_path) == "dit":
+            raise UserError(f"{folder} is a DiT, not a tokenizer; pass the tokenizer's folder (train.py writes "
+                            f"<out>/tokenizer/, and the DiT's config.json names the one it was trained on)")
         model = cls(load_config(TexTokConfig, cfg_path))
         load_weights(model, weights, cfg_path, device)  # a config edited to another shape: one line
         return model.to(device)

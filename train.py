@@ -22,10 +22,13 @@ DiT (Peebles & Xie, ICCV 2023) and DDPM (Ho et al. 2020) the generation stage; n
 groups and the cosine schedule; ADM (Dhariwal & Nichol 2021) the flips and the sample .npz.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from dataclasses import asdict
 
@@ -39,9 +42,9 @@ from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adhe
 from devices import autocast, computed_once, distributed, mean_across_ranks
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import (MissingFile, UserError, append_jsonl, atomic_write, check_ranges, claim_out, file_digest,
-                   flag_error, flag_text, json_digest, read_checkpoint, run_main, save_checkpoint, write_arrays,
-                   write_json)
+from files import (MissingFile, UserError, append_jsonl, atomic_write, check_output, check_ranges, check_resume,
+                   claim_out, file_digest, flag_error, flag_text, json_digest, lock_out, read_checkpoint, run_main,
+                   save_checkpoint, write_arrays, write_json)
 from pixels import plot_log, psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
@@ -161,11 +164,17 @@ def check_args(p, args):
     flag = lambda k: flag_text(args, k)
     if args.resume and args.overwrite:
         error("--resume continues the run in --out, --overwrite starts it over: pass one of them")
+    if args.captions and args.data == "builtin":  # it would train on the built-in shapes, the file unread
+        error(f"{flag('captions')} goes with --data FOLDER, the images it captions; pass --data")
+    if args.lpips_weights and args.lpips_weight > 0 and not os.path.isfile(args.lpips_weights):  # read after the caches
+        error(f"{flag('lpips_weights')}: no such file; fix the path, or leave it out (packaged or downloaded weights)")
+    check_output(p, "--out", args.out, folder=True)
+    check_output(p, "--cache-dir", args.cache_dir, folder=True)
     check_ranges(p, args, at_least_1=("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps",
                                       "batch_size", "num_images", "val_images", "log_every", "eval_every",
                                       "save_every", "sample_steps"),
-                 not_negative=("warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr", "weight_decay",
-                               "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
+                 not_negative=("seed", "warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr",
+                               "weight_decay", "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
                  positive=("lr", "disc_lr", "grad_clip"), below_1=("beta1", "beta2", "ema_decay"))
     if not 0 <= args.text_drop <= 1:
         error(f"{flag('text_drop')} is a share of the images: give a value in [0, 1]")
@@ -333,6 +342,7 @@ class Run:
         self.ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
         self.log_path = os.path.join(args.out, "log.jsonl")
         self.step = 0  # optimizer steps taken: the data position, the lr and every draw follow from it
+        self.saved_step = None  # the step of ckpt-latest.pt once this run has saved or resumed one
 
     def start(self, model, cfg, name, summary, shown, parts=None, plain=None):
         """`model` gets its EMA and AdamW; --resume restores them, the stage's other `parts` (name ->
@@ -353,7 +363,7 @@ class Run:
             torch.set_rng_state(ckpt["rng_cpu"].cpu())
             if device.type == "cuda" and ckpt["rng_cuda"].numel():
                 torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
-            self.step = ckpt["step"]
+            self.step = self.saved_step = ckpt["step"]
             del ckpt  # the weights now live in the modules; the copy would hold their size twice
         if self.master:
             print(f"{type(model).__name__} config: {json.dumps(asdict(cfg))}")
@@ -445,6 +455,8 @@ class Run:
                          "rng_cuda": torch.cuda.get_rng_state(self.device) if cuda else torch.zeros(0),
                          "args": vars(self.args), **{k: part.state_dict() for k, part in self.parts.items()},
                          **self.plain}, path)
+        if path == self.ckpt_path:
+            self.saved_step = self.step
 
     def grid_path(self, kind):
         """Where this step's image grid goes: <out>/<kind>-<step>.png."""
@@ -662,6 +674,13 @@ def train_dit(run):
     # data, never reads another's latents.
     data_key = [args.data, args.captions, tcfg.image_size, args.seed, len(train_set), json_digest(train_set.captions)]
     data_key += [args.image_key] if args.image_key else []  # another image of the same captions (shards, Parquet)
+    # An image replaced under its own name changes its file's size or modification time: for a folder, each
+    # training image's file; for shards and Parquet, every file of the data (they hold the images).
+    if args.data != "builtin":
+        source = train_set.dataset
+        paths = source.paths if hasattr(source, "paths") else [os.path.join(source.root, source.files[i])
+                                                               for i in train_set.indices]
+        data_key.append([(st.st_size, st.st_mtime_ns) for st in map(os.stat, paths)])
     tok_digest = file_digest(tok_weights)  # keys the latent cache; sample.py checks it against the tokenizer it gets
     latents, stats = latent_cache(run, tok, train_set, train_text if tok_text else None, [tok_digest, data_key])
     mean, std = (torch.tensor(stats[k], device=device).float() for k in ("mean", "std"))  # (d,) each
@@ -750,11 +769,33 @@ def main(argv=None):
             raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # house rule 6
         run = Run(args, rank, world, device)
-        claim_out(args, run.master)
         os.makedirs(args.out, exist_ok=True)
-        (train_tokenizer if args.stage == "tokenizer" else train_dit)(run)
+        # One run per --out at a time (the lock), then the checks that need no work, before any.
+        with lock_out(args.out) if run.master else contextlib.nullcontext():
+            claim_out(args, run.master)
+            if args.resume:
+                check_resume(run.ckpt_path, args)
+            try:
+                (train_tokenizer if args.stage == "tokenizer" else train_dit)(run)
+            except KeyboardInterrupt:  # Ctrl-C: files.run_main prints this one line
+                raise KeyboardInterrupt(stopped(run, argv)) from None
         if dist.is_initialized():
             dist.barrier()  # every rank leaves once rank 0 has written its files
+
+
+def stopped(run, argv):
+    """What a Ctrl-C prints: the step the run stopped at, and the command that continues it."""
+    if hasattr(run, "bar"):
+        run.bar.close()  # ends the progress bar's line, so the message has its own
+    if run.saved_step is None:
+        return f"train.py stopped at step {run.step}, before this run saved a checkpoint; run the same command again"
+    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]  # --overwrite would restart it
+    command = shlex.join(["python", "train.py", *flags, *([] if "--resume" in flags else ["--resume"])])
+    try:  # read back: a Ctrl-C just after a save's rename leaves a newer step there than saved_step says
+        saved = torch.load(run.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        saved = run.saved_step
+    return f"train.py stopped at step {run.step}; {run.ckpt_path} holds step {saved}; continue with: {command}"
 
 
 if __name__ == "__main__":
