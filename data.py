@@ -45,7 +45,7 @@ COLORS = {  # name -> RGB
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 # Shape diameter as a fraction of its cell: a small shape is 5 px at 32 px (a cell is 10.7 px). At
-# 0.4 / 0.62 / 0.85 a text model drew what its caption names more slowly (README, "The built-in
+# 0.4 / 0.62 / 0.85 a text model drew what its caption names more slowly (docs/design-notes.md, "The built-in
 # dataset").
 SIZES = {"small": 0.5, "medium": 0.7, "large": 0.9}
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
@@ -79,7 +79,7 @@ def make_scene(index: int, seed: int = 0):
     names = list(COLORS)
     bg = names[rng.integers(len(names))]
     # 1 or 2 objects, each in its own cell of a 3x3 grid. With 1 to 4, captions ran to ~45 text
-    # tokens, most of a TexTok-T step's compute (README, "The built-in dataset").
+    # tokens, most of a TexTok-T step's compute (docs/design-notes.md, "The built-in dataset").
     n = int(rng.integers(1, 3))
     cells = rng.choice(9, size=n, replace=False)
     objects = []

@@ -41,7 +41,7 @@ METRICS = ("psnr", "ssim", "lpips", "rfid")
 # per latent number: its 32-256 tokens of 8 channels at 256 px are 768 down to 96 values per number,
 # which at 32 px is 0.5 to 4 tokens (the cpu preset's 1-4 are its 64-256) and at 64 px 2 to 16.
 # "cpu" is `python train.py`'s default recipe at each count (the README's numbers); see the
-# README's Results section for the budget.
+# budget in docs/results.md.
 PRESETS = {
     "cpu": dict(model="TexTok-T", image_size=32, patch_size=8, tokens=[1, 2, 3, 4], ablation_tokens=1,
                 steps=1000, batch_size=32, lpips_weight=0.0, eval_images=256, num_images=4096),

@@ -534,8 +534,8 @@ def pretrained_folder(name: str) -> str:
 # patches carries only the image's mean colour into the latent tokens (and a uniform average of
 # latent tokens only their mean back out). Learning to route by position needs both sides to do
 # it at once: on the built-in dataset a 1.7M-parameter TexTok sat at the mean colour for 3,000
-# steps (README). With the "local" init (--init local, the default) the default run leaves that
-# plateau within 400 steps at each seed we tried (README has the measurements, and what each
+# steps (docs/locality-init.md). With the "local" init (--init local, the default) the default run leaves that
+# plateau within 400 steps at each seed we tried (docs/locality-init.md has the measurements, and what each
 # step below contributes). Only starting values change; all of them are trained as usual. It is
 # in the spirit of "mimetic" initialisation (Trockman & Kolter, 2023).
 #
@@ -654,7 +654,7 @@ def scale_content(model, C):
     round: the text tokens entered at a third of the image side's scale (MiniLM's outputs have an
     RMS of 0.3), the detokenizer gave them 3-5% of its attention after the first layer, and a
     1-token text model needed about 1,000 steps to start drawing what its caption names. With both
-    at fan-in scale it starts by step 600 (README, "Where the caption starts"). The patch and
+    at fan-in scale it starts by step 600 (docs/locality-init.md, "Where the caption starts"). The patch and
     latent projections write nothing into the code channels, so the codes stay clean."""
     d = model.cfg.token_dim
     texts = [vit.cond.proj.weight for vit in (model.encoder, model.decoder) if vit.cond is not None and vit.cond.cond == "text"]
