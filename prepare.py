@@ -29,7 +29,7 @@ import tarfile
 from PIL import Image
 from tqdm import tqdm
 
-from files import UserError, run_main, write_text
+from files import UserError, first_line, run_main, write_text
 
 
 def get_args(argv=None):
@@ -48,7 +48,7 @@ def members(package):
         tar = tarfile.open(package)
         return tar, {m.name: m for m in tar.getmembers() if m.isfile()}
     except (OSError, tarfile.TarError) as e:
-        raise UserError(f"{package}: not a readable npm package ({e}); get it with `npm pack NAME`") from None
+        raise UserError(f"{package}: not a readable npm package ({first_line(e)}); get it with `npm pack NAME`") from None
 
 
 def read_member(tar, index, name, package):
