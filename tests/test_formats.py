@@ -268,3 +268,42 @@ def test_bench_times_the_loader_on_every_format():
                           "--loader-workers", "0", "--batch-size", "4"])
     assert [r["format"] for r in results] == ["folder", "shards", "parquet"]
     assert all(r["images"] == 20 and r["img_per_s"] > 0 for r in results)  # 23 after the held-out one, whole batches
+
+
+@pytest.mark.parametrize("fmt", ["shards", "parquet"])
+def test_a_resumed_run_on_shards_or_parquet_continues_where_the_data_stopped(tmp_path, monkeypatch, fmt):
+    from conftest import kill_after_checkpoint
+    _, _, shards, parquet = three_formats(tmp_path)
+    run = TINY[:-2] + ["--steps", "4", "--save-every", "2", "--data", str(shards if fmt == "shards" else parquet),
+                       "--cache-dir", str(tmp_path / "cache")]
+    train.main(run + ["--out", str(tmp_path / "full")])
+    # Killed right after the checkpoint of step 2, then resumed: steps 3-4 read the batches the full run read.
+    save = kill_after_checkpoint(monkeypatch, train, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main(run + ["--out", str(tmp_path / "cut"), "--resume"])
+    losses = lambda out: [r["loss"] for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_two_gloo_ranks_read_disjoint_halves_of_each_shard_batch(tmp_path):
+    # The first step's loss, averaged across ranks, is the one process's: each rank read its own half of the
+    # global batch (had both read the same half, the mean would be that half's). Compared before any update.
+    import subprocess
+    _, _, shards, _ = three_formats(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = TINY + ["--data", str(shards), "--cache-dir", str(tmp_path / "cache")]
+    subprocess.run([sys.executable, "train.py", *flags, "--out", str(tmp_path / "one")], cwd=root, env=env,
+                   check=True, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                          "train.py", *flags, "--out", str(tmp_path / "two")], cwd=root, env=env, capture_output=True,
+                         text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "one"), rel=1e-5)
+    # ... and each rank's half is what ShardedSampler gives it: disjoint, together the global batch.
+    n = len(data.load_splits(str(shards), image_size=16, val_images=8, progress=False)[0])
+    halves = [list(data.ShardedSampler(n, 4, rank, 2, seed=0))[:4] for rank in (0, 1)]
+    assert not set(halves[0]) & set(halves[1]) and sorted(halves[0] + halves[1]) == sorted(
+        list(data.ShardedSampler(n, 8, 0, 1, seed=0))[:8])
