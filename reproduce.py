@@ -345,9 +345,11 @@ def markdown(summary, args, minutes):
     # The hardware and the budget go beside the numbers: a table compares only with one of the same budget.
     hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU, {args.jobs} run(s) at a time"
     seeds = len(args.seeds)
+    # A folder holds out at most a tenth of its images (data.load_splits), which can be fewer than --eval-images.
+    held_out = args.eval_images if args.data == "builtin" else f"up to {args.eval_images} (at most a tenth of the data)"
     lines += ["", f"Mean ± standard deviation over {seeds} seed(s); gains are TexTok against the baseline of the same "
                   f"seed. {args.model}, {args.image_size} px, patch {args.patch_size}, {args.steps} steps of batch "
-                  f"{args.batch_size}, LPIPS weight {args.lpips_weight}; {args.eval_images} held-out images per run (rFID "
+                  f"{args.batch_size}, LPIPS weight {args.lpips_weight}; {held_out} held-out images per run (rFID "
                   f"at this count is not comparable with 50k-image numbers). {hw}: {minutes:.0f} minutes in train.py, "
                   f"summed over the runs (a resumed run counts from its last resume)."
                   + (f" Every run also had `{args.train_flags}`." if args.train_flags else "")]
