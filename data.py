@@ -420,6 +420,18 @@ def read_captions(path: str, root: str):
     return {f: v for f, v in records.items() if f not in problems}, problems  # a bad line for it drops it
 
 
+def skip_or_refuse(problems: dict, skip_bad: bool, progress: bool) -> int:
+    """What a dataset does with its bad items ({key: one-line problem}): refuse them, naming the first
+    and the count, or with --skip-bad skip them and say so; -> how many were skipped."""
+    first = next(iter(problems.values()), None)
+    if problems and not skip_bad:
+        raise UserError(f"{first}  ({len(problems)} problem(s) in all; fix them, or pass "
+                        f"--skip-bad to skip and count them)")
+    if problems and progress:
+        print(f"skipped {len(problems)} bad item(s), e.g. {first}")
+    return len(problems)
+
+
 class CaptionedImages(torch.utils.data.Dataset):
     """
     Images under `root` with captions from a JSON-lines file: {"file": "n01440764/x.JPEG",
@@ -464,13 +476,7 @@ class CaptionedImages(torch.utils.data.Dataset):
                     problems[f] = problem
                 else:
                     good.append(f)
-        first = next(iter(problems.values()), None)
-        if problems and not skip_bad:
-            raise UserError(f"{first}  ({len(problems)} problem(s) in all; fix them, or pass "
-                            f"--skip-bad to skip and count them)")
-        self.skipped = len(problems)
-        if problems and progress:
-            print(f"skipped {len(problems)} bad item(s), e.g. {first}")
+        self.skipped = skip_or_refuse(problems, skip_bad, progress)
         if not good:
             raise UserError(f"no usable captioned images under {root} with {captions_file}")
         self.files = good
@@ -754,13 +760,7 @@ class IndexedImages(torch.utils.data.Dataset):
         problems = {}
         self.index(problems, raw_labels, progress)
         good = self.check_images(problems, progress)
-        first = next(iter(problems.values()), None)
-        if problems and not skip_bad:
-            raise UserError(f"{first}  ({len(problems)} problem(s) in all; fix them, or pass "
-                            f"--skip-bad to skip and count them)")
-        self.skipped = len(problems)
-        if problems and progress:
-            print(f"skipped {len(problems)} bad item(s), e.g. {first}")
+        self.skipped = skip_or_refuse(problems, skip_bad, progress)
         if not good:
             raise UserError(f"no usable captioned images in {self.paths[0]}" +
                             (f" and {len(self.paths) - 1} more file(s)" if len(self.paths) > 1 else ""))
