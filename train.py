@@ -514,7 +514,7 @@ def train_tokenizer(run):
     if gan:  # the critic of the tokenizer's adversarial term needs no DDP: D is frozen there
         critic, disc_ddp = run.wrap(disc)
     zero = torch.zeros((), device=device)  # the terms a step without LPIPS or the GAN logs
-    if use_text:  # the empty caption, the last row of the held-out cache (caption_caches)
+    if use_text and args.text_drop > 0:  # what --text-drop gives: the held-out cache's last row (caption_caches)
         empty_text, empty_mask = fetch_text(val_text, [len(val_set)], device)  # (1, Nt, Dt), (1, Nt)
 
     # ---- the loop ----
