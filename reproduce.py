@@ -29,6 +29,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+import numpy as np
 import torch
 
 from files import UserError, check_output, check_ranges, flag_error, json_digest, run_main, write_json, write_text
@@ -47,6 +48,14 @@ PRESETS = {
                 steps=1000, batch_size=32, lpips_weight=0.0, eval_images=256, num_images=4096),
     "gpu": dict(model="TexTok-S", image_size=64, patch_size=8, tokens=[2, 4, 8, 16], ablation_tokens=4,
                 steps=20000, batch_size=64, lpips_weight=0.1, eval_images=1000, num_images=50000),
+}
+# The generation sweep (--generation, Table 1's gFID and Table 3): a DiT on the tokens of each tokenizer
+# run at three of the counts (every seed, TexTok and baseline), and a class-conditional DiT at one count.
+# "cpu": train.py --stage dit's default DiT-T, two thirds of its default 3,000 steps (its samples' prompt
+# adherence stops rising by 1,000: docs/generation.md), so the DiTs add about an hour to the tokenizers.
+GEN_PRESETS = {
+    "cpu": dict(gen_tokens=[1, 2, 4], dit_model="DiT-T", dit_steps=2000, dit_batch_size=64, class_tokens=1),
+    "gpu": dict(gen_tokens=[2, 4, 16], dit_model="DiT-B", dit_steps=50000, dit_batch_size=256, class_tokens=4),
 }
 
 
@@ -80,8 +89,30 @@ def get_args(argv=None):
                    "table, for the published settings: the cpu preset's defaults on the built-in data; else <out>)")
     p.add_argument("--cache-dir", default="cache", help="caption-embedding cache shared by the runs")
     p.add_argument("--report", action="store_true", help="only summarise the runs that have finished")
+    # the generation sweep: a DiT on each tokenizer's tokens (trains the tokenizers it needs first)
+    p.add_argument("--generation", action="store_true", help="the generation sweep (Table 1's gFID, Table 3) "
+                   "instead of the reconstruction one: writes generation.json/.md/.png and fig5.png")
+    p.add_argument("--dit-model", default=None, help="the DiT of every generation run")
+    p.add_argument("--dit-steps", type=int, default=None, help="training steps of every DiT")
+    p.add_argument("--dit-batch-size", type=int, default=None)
+    p.add_argument("--class-tokens", type=int, default=None, help="token count of the class-conditional DiTs "
+                   "(built-in data only; 0: none)")
     args = p.parse_args(argv)
     published = published_settings(args)
+    # The generation sweep trains the reconstruction sweep's tokenizers (the same runs, by name and flags) at its
+    # own token counts: with the published tokenizer settings it shares their folder, and reuses finished runs.
+    shared = published_settings(args, tokenizers_only=True) if args.generation else published
+    if args.generation:
+        class_given = args.class_tokens is not None
+        published = shared and args.tokens is None and args.seeds == [0, 1, 2] and all(
+            getattr(args, k) in (None, v) for k, v in GEN_PRESETS["cpu"].items() if k != "gen_tokens")
+        args.tokens = args.tokens or GEN_PRESETS[args.preset]["gen_tokens"]
+        args.ablation_tokens = 0  # where the text enters is a reconstruction question
+        for k, v in GEN_PRESETS[args.preset].items():
+            if k != "gen_tokens" and getattr(args, k) is None:
+                setattr(args, k, v)
+        if args.data != "builtin" and not class_given:
+            args.class_tokens = 0  # a folder's classes have no unseen captions to decode with (see plan_generation)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -89,7 +120,7 @@ def get_args(argv=None):
     # The published numbers (docs/results, the README's table) come from the cpu preset's defaults alone: a
     # sweep of other settings (a smoke test) writes to a folder named after them unless --results says otherwise.
     name = "reproduce" if args.data == "builtin" else f"reproduce-{os.path.basename(os.path.normpath(args.data))}"
-    if args.data == "builtin" and not published:
+    if args.data == "builtin" and not shared:
         digest = json_digest([sweep_settings(args), args.tokens, args.seeds, args.ablation_tokens])
         name = f"reproduce-{args.preset}-{digest[:8]}"
     args.out = args.out or os.path.join("out", name)
@@ -108,6 +139,14 @@ def get_args(argv=None):
         if min(values) < (1 if name == "tokens" else 0):
             flag_error(p, f"{shown}: " + ("token counts must be at least 1" if name == "tokens" else
                                           "seeds must not be negative"))
+    if args.generation:
+        check_ranges(p, args, at_least_1=("dit_steps", "dit_batch_size"), not_negative=("class_tokens",))
+        if args.class_tokens and args.class_tokens not in args.tokens:
+            flag_error(p, f"--class-tokens {args.class_tokens} must be one of --tokens {' '.join(map(str, args.tokens))}"
+                          f" (the class DiT reuses that count's tokenizers); or 0 for none")
+        if args.class_tokens and args.data != "builtin":
+            flag_error(p, f"--class-tokens {args.class_tokens}: class-conditional generation runs on the built-in "
+                          f"data only (its unseen captions per class come from a scene seed no run trains on); pass 0")
     if args.captions and args.data == "builtin":  # it would sweep the built-in shapes, the file unread
         flag_error(p, f"--captions {args.captions} goes with --data FOLDER, the images it captions; pass --data")
     # Checked once here, not found missing by every run of the sweep in turn.
@@ -123,12 +162,14 @@ def get_args(argv=None):
     return args
 
 
-def published_settings(args):
+def published_settings(args, tokenizers_only=False):
     """Whether the flags (before the preset fills them in) are the published sweep's: the cpu preset's
-    defaults on the built-in data, nothing added (README, Results)."""
-    preset = PRESETS["cpu"]
+    defaults on the built-in data, nothing added (README, Results). tokenizers_only: whether each run
+    would be one of the published sweep's (any token counts and seeds, the same flags)."""
+    preset = {k: v for k, v in PRESETS["cpu"].items() if not (tokenizers_only and k in ("tokens", "ablation_tokens"))}
     return (args.preset == "cpu" and args.data == "builtin" and not args.captions and not args.train_flags
-            and args.seeds == [0, 1, 2] and all(getattr(args, k) in (None, v) for k, v in preset.items()))
+            and (tokenizers_only or args.seeds == [0, 1, 2])
+            and all(getattr(args, k) in (None, v) for k, v in preset.items()))
 
 
 #################################################################################
@@ -409,10 +450,11 @@ def figure(args, seed, path, count=6):
     save_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles, captions)
 
 
-def update_readme(md, path="README.md"):
-    """Replaces the README's block between the reproduce markers with the fresh table, atomically:
-    a crash mid-write leaves the previous README, never a truncated one."""
-    begin, end = "<!-- reproduce.py table: begin -->", "<!-- reproduce.py table: end -->"
+def update_readme(md, path="README.md", markers="table"):
+    """Replaces the README's block between the reproduce markers ("table": the reconstruction sweep's,
+    "generation": the generation sweep's) with the fresh table, atomically: a crash mid-write leaves the
+    previous README, never a truncated one."""
+    begin, end = f"<!-- reproduce.py {markers}: begin -->", f"<!-- reproduce.py {markers}: end -->"
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -446,8 +488,402 @@ def report(args, runs, command):
 
 
 #################################################################################
+#                      The generation sweep (--generation)                      #
+#################################################################################
+
+# How every generation run samples: train.py's and sample.py's defaults (DDIM, 50 steps, guidance 4).
+GEN_SAMPLING = dict(cfg_scale=4.0, sample_steps=50)
+
+
+def plan_generation(args):
+    """The generation sweep's jobs, one per tokenizer run of plan(): the tokenizer (trained here
+    unless the reconstruction sweep has done it), then its DiTs in turn, so that two workers never
+    train one tokenizer: DiT-T2I on TexTok's and the baseline's tokens at every count and seed
+    (Table 3), and at --class-tokens a class-conditional DiT too (Table 1's gFID)."""
+    return [dict(run, dits=["text"] + (["class"] if run["num_tokens"] == args.class_tokens else []))
+            for run in plan(args)]
+
+
+def generation_settings(args):
+    """What every DiT of the sweep shares; a rerun with others into the same --out is refused."""
+    return {"dit_model": args.dit_model, "dit_steps": args.dit_steps, "dit_batch_size": args.dit_batch_size,
+            "num_samples": args.eval_images, **GEN_SAMPLING}
+
+
+def dit_argv(args, run, cond, folder):
+    """train.py --stage dit on the run's tokenizer, with the run's data, split and seed: the DiT learns
+    the tokens of exactly the images the tokenizer trained on, and never sees the held-out ones."""
+    argv = ["--stage", "dit", "--tokenizer", os.path.join(args.out, run["name"], "tokenizer"),
+            "--dit-model", args.dit_model, "--dit-cond", cond, "--data", args.data, "--seed", str(run["seed"]),
+            "--num-images", str(args.num_images), "--val-images", str(args.eval_images), "--steps", str(args.dit_steps),
+            "--batch-size", str(args.dit_batch_size), "--eval-every", str(args.dit_steps),
+            "--save-every", str(min(500, args.dit_steps)), "--num-workers", "0", "--cache-dir", args.cache_dir,
+            "--out", folder]
+    if args.captions:
+        argv += ["--captions", args.captions]
+    if args.skip_bad:
+        argv.append("--skip-bad")
+    if os.path.isfile(os.path.join(folder, "ckpt-latest.pt")):
+        argv.append("--resume")
+    return argv
+
+
+def real_stats(held_out, seed, inception):
+    """The held-out originals' Inception statistics (the FID reference), once per seed per worker: the
+    same images as the reconstruction sweep's rFID reference, so gFID and rFID share it."""
+    from eval_fid import Stats
+    from pixels import to_uint8
+    stats = _eval_tools.setdefault(("real", seed), Stats())
+    if stats.n == 0:
+        for x, _, _ in torch.utils.data.DataLoader(held_out, batch_size=64):
+            stats.update(inception(to_uint8(x))[0].numpy())
+    return stats
+
+
+@torch.no_grad()
+def draw_samples(dit, tok, meta, encoder, labels, prompts, dec_captions, seed, batch_size=64):
+    """uint8 samples (K, H, W, 3), one per entry, and the seconds they took (prompt to pixels). Batch
+    i's noise comes from (seed, i), so the same call with other decoding captions decodes the same
+    latents (DDIM with eta 0 is deterministic given its noise)."""
+    from dit import generate
+    from pixels import to_uint8
+    images, seconds = [], 0.0
+    for i in range(0, len(dec_captions), batch_size):
+        t0 = time.time()
+        y = torch.tensor(labels[i:i + batch_size]) if labels is not None else None  # (b,)
+        text = mask = dec = dec_mask = None
+        if prompts is not None:
+            text, mask = encoder(prompts[i:i + batch_size])  # (b, Lt, Dt), (b, Lt)
+        if dec_captions[i] is not None:  # a tokenizer that reads text decodes with a caption
+            same = prompts is not None and dec_captions[i:i + batch_size] == prompts[i:i + batch_size]
+            dec, dec_mask = (text, mask) if same else encoder(dec_captions[i:i + batch_size])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        x = generate(dit, tok, meta, y, text, mask, dec, dec_mask, GEN_SAMPLING["cfg_scale"],
+                     GEN_SAMPLING["sample_steps"], "ddim", 0.0, g)  # (b, 3, H, W)
+        seconds += time.time() - t0
+        images.append(to_uint8(x))
+    return np.concatenate(images), seconds
+
+
+def evaluate_generation_run(folder, args, run, cond):
+    """A trained DiT's samples against the held-out images. T2I: one sample per held-out caption,
+    decoded with that caption; gFID, prompt adherence (built-in captions) and, for a tokenizer that
+    reads text, both again with the same latents decoded with an empty caption: how much of what
+    the samples show the detokenizer read from the prompt rather than the DiT generated. Class:
+    one sample per held-out image's class, decoded with an unseen caption of the class (sample.py's
+    built-in list), as the paper does; gFID only. Also the seconds per image, and bench.py's DiT of
+    the same size on a 2D latent grid at this image size (paper Fig. 4), timed in the same process."""
+    import bench
+    from data import load_splits, prompt_adherence
+    from eval_fid import Inception, Stats, frechet_distance
+    from sample import builtin_class_captions, load_dit, load_tokenizer
+    from textok import TextEncoder
+    dit, meta = load_dit(os.path.join(folder, "ckpt-latest.pt"))
+    tok = load_tokenizer(meta["tokenizer"], meta)
+    _, held_out = load_splits(args.data, args.captions, args.image_size, run["seed"], args.num_images,
+                              args.eval_images, args.skip_bad, progress=False)
+    if "inception" not in _eval_tools:
+        _eval_tools["inception"] = Inception()
+    inception = _eval_tools["inception"]
+    key = (meta["text_encoder"], meta["text_len"])
+    encoder = _eval_tools.get(key) or _eval_tools.setdefault(key, TextEncoder(*key))
+    tok_text = tok.cfg.cond == "text" and tok.cfg.text_in != "none"
+    seed = run["seed"]
+    if cond == "text":
+        labels, prompts = None, list(held_out.captions)
+        dec = prompts if tok_text else [None] * len(prompts)
+    else:
+        labels, prompts = [int(v) for v in held_out.labels], None
+        pool, rng = builtin_class_captions(), np.random.default_rng(seed)
+        dec = [pool[c][rng.integers(len(pool[c]))] if tok_text else None for c in labels]
+    images, seconds = draw_samples(dit, tok, meta, encoder, labels, prompts, dec, seed)
+    real = real_stats(held_out, seed, inception)
+
+    def gfid(x):
+        fake = Stats()
+        for i in range(0, len(x), 64):
+            fake.update(inception(x[i:i + 64])[0].numpy())
+        return frechet_distance(*fake.mu_sigma(), *real.mu_sigma())
+
+    def adherence(x):
+        score = prompt_adherence(x, prompts)[0] if prompts is not None else float("nan")
+        return None if score != score else score  # NaN: captions outside the built-in grammar
+
+    result = {"gfid": gfid(images), "adherence": adherence(images), "seconds_per_image": seconds / len(images),
+              "num_samples": len(images), "threads": torch.get_num_threads()}
+    if cond == "text" and tok_text:
+        empty, _ = draw_samples(dit, tok, meta, encoder, labels, prompts, [""] * len(prompts), seed)
+        result.update(gfid_empty=gfid(empty), adherence_empty=adherence(empty))
+    grid = bench.bench_generation(bench.get_args([
+        "--tokenizer", args.model, "--image-size", str(args.image_size), "--patch-size", str(args.patch_size),
+        "--num-tokens", str(run["num_tokens"]), "--dit", args.dit_model, "--text-dim", str(tok.cfg.text_dim),
+        "--text-len", str(tok.cfg.text_len), "--batch-size", "16", "--sample-steps",
+        str(GEN_SAMPLING["sample_steps"]), "--cfg-scale", str(GEN_SAMPLING["cfg_scale"]), "--no-compile"]
+        + (["--t2i"] if cond == "text" else [])), torch.device("cpu"), contextlib.nullcontext())
+    result["seconds_per_image_2d_grid"] = grid["s_per_img_2d_grid"]
+    return result
+
+
+def generation_one(job, args, threads):
+    """One job of the generation sweep (in a worker process): the tokenizer run if unfinished, then
+    each of its DiTs that has no result.json yet: train.py --stage dit (output in <dit>/run.log), then
+    evaluate_generation_run. -> the results of the job's DiTs."""
+    import train
+    torch.set_num_threads(threads)
+    if read_result(args, job) is None:
+        run_one({k: job[k] for k in ("name", "num_tokens", "text_in", "seed")}, args, threads)
+    results = []
+    for cond in job["dits"]:
+        name = f"{job['name']}/dit-{cond}"
+        folder = os.path.join(args.out, name)
+        done = read_generation_result(args, name)
+        if done:
+            results.append(done)
+            continue
+        os.makedirs(folder, exist_ok=True)
+        log_path = os.path.join(folder, "run.log")
+        try:
+            with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                t0 = time.time()
+                train.main(dit_argv(args, job, cond, folder))
+                result = {"name": name, "text_in": job["text_in"], "num_tokens": job["num_tokens"],
+                          "seed": job["seed"], "dit_cond": cond, "dit_model": args.dit_model,
+                          "dit_steps": args.dit_steps, "train_seconds": round(time.time() - t0, 1),
+                          **evaluate_generation_run(folder, args, job, cond)}
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"the sweep stopped in run {name}; run the same command again to resume "
+                                    f"it") from None
+        except (UserError, SystemExit) as e:
+            why = str(e) if isinstance(e, UserError) else f"train.py refused its flags (see {log_path})"
+            raise UserError(f"run {name} failed: {why}  (its log: {log_path}; to redo the run, delete "
+                            f"{folder} and run the sweep again)") from None
+        write_json(os.path.join(folder, "result.json"), result)
+        results.append(result)
+    return results
+
+
+def read_generation_result(args, name):
+    """A finished DiT run's result.json, or None."""
+    path = os.path.join(args.out, name, "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def summarise_generation(runs):
+    """Per (DiT conditioning, token count, tokenizer): mean and standard deviation over seeds of
+    each number; TexTok's gain over the baseline paired by seed, as for Table 1: gFID as a
+    relative reduction (the paper's %), prompt adherence as a difference."""
+    rows = {}
+    for r in runs:
+        rows.setdefault((r["dit_cond"], r["num_tokens"], r["text_in"]), []).append(r)
+    summary = []
+    for (cond, n, v), rs in sorted(rows.items(), key=lambda kv: (kv[0][0] != "text", kv[0][1], kv[0][2] != "none")):
+        row = {"dit_cond": cond, "num_tokens": n, "text_in": v, "seeds": sorted(r["seed"] for r in rs)}
+        for k in ("gfid", "adherence", "gfid_empty", "adherence_empty", "seconds_per_image",
+                  "seconds_per_image_2d_grid"):
+            row[k], row[f"{k}_std"] = mean_std([r.get(k) for r in rs])
+        if v != "none" and (cond, n, "none") in rows:
+            base = {r["seed"]: r for r in rows[(cond, n, "none")]}
+            paired = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
+            row["gfid_gain"], row["gfid_gain_std"] = mean_std([100 * (b["gfid"] - t["gfid"]) / b["gfid"]
+                                                               for t, b in paired])
+            row["adherence_gain"], row["adherence_gain_std"] = mean_std(
+                [t["adherence"] - b["adherence"] for t, b in paired if t.get("adherence") is not None
+                 and b.get("adherence") is not None])
+        summary.append(row)
+    return summary
+
+
+def generation_markdown(summary, recon, args, minutes):
+    """generation.md: gFID and prompt adherence per token count, TexTok against the baseline with the
+    seed-paired gains and, beside them, the same tokenizers' rFID gain (does the one follow the
+    other?); then what the detokenizer reads from the prompt; then the settings."""
+    rfid_gain = {r["num_tokens"]: r for r in recon if r["text_in"] == "both" and r.get("rfid_gain") is not None}
+    name = {"none": "Baseline (w/o text)", "both": "TexTok"}
+    lines = ["| DiT | # tokens | tokenizer | gFID | prompt adherence | gFID gain | adherence gain | rFID gain of "
+             "the same tokenizers | s / image | s / image, 2D grid |", "| --- | --- | --- | --- | --- | --- | --- | "
+             "--- | --- | --- |"]
+    for r in summary:
+        gain = ["", "", ""]
+        if r.get("gfid_gain") is not None:
+            rec = rfid_gain.get(r["num_tokens"])
+            gain = [f"{r['gfid_gain']:+.1f}% ± {r['gfid_gain_std']:.1f}",
+                    "" if r.get("adherence_gain") is None else f"{r['adherence_gain']:+.3f} ± {r['adherence_gain_std']:.3f}",
+                    "" if rec is None else f"{rec['rfid_gain']:+.1f}% ± {rec['rfid_gain_std']:.1f}"]
+        lines.append(f"| {'T2I' if r['dit_cond'] == 'text' else 'class'} | {r['num_tokens']} | {name[r['text_in']]} | "
+                     f"{fmt(r, 'gfid', 1)} | {fmt(r, 'adherence', 3)} | {' | '.join(gain)} | "
+                     f"{r['seconds_per_image'] * 1000:.1f} ms | {r['seconds_per_image_2d_grid'] * 1000:.1f} ms |")
+    read = [r for r in summary if r["dit_cond"] == "text" and r.get("adherence_empty") is not None]
+    if read:
+        lines += ["", "What the detokenizer reads from the prompt: TexTok's T2I samples decoded with their prompt, "
+                      "and the same latents decoded with an empty caption:", "",
+                  "| # tokens | adherence, prompt | adherence, empty caption | gFID, prompt | gFID, empty caption |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['num_tokens']} | {fmt(r, 'adherence', 3)} | {fmt(r, 'adherence_empty', 3)} | {fmt(r, 'gfid', 1)} "
+                  f"| {fmt(r, 'gfid_empty', 1)} |" for r in read]
+    hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU, {args.jobs} run(s) at a time"
+    lines += ["", f"Mean ± standard deviation over {len(args.seeds)} seed(s); gains are TexTok against the baseline of "
+                  f"the same seed (gFID: relative reduction). {args.dit_model}, {args.dit_steps} steps of batch "
+                  f"{args.dit_batch_size}, on the tokens of the reconstruction sweep's tokenizers ({args.model}, "
+                  f"{args.image_size} px, {args.steps} steps). One sample per held-out image ({args.eval_images}), "
+                  f"DDIM {GEN_SAMPLING['sample_steps']} steps, guidance {GEN_SAMPLING['cfg_scale']}; gFID against "
+                  f"the held-out images at this count (not comparable with 50k-sample numbers). T2I samples take "
+                  f"the held-out captions as prompts; class samples, an unseen caption of their class for the "
+                  f"detokenizer. Seconds per image: prompt to pixels, batch 64, one thread each, with the other "
+                  f"job running beside it; the 2D grid is bench.py's same-size DiT on SD-VAE-shaped latents "
+                  f"({(args.image_size // 16) ** 2} tokens at this image size), timed in the same process. {hw}: "
+                  f"{minutes:.0f} minutes in train.py --stage dit, summed over the runs."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_generation(summary, path):
+    """gFID and prompt adherence against the token count (T2I, error bars one standard deviation),
+    and gFID against the seconds per image (paper Fig. 4, from the measured points)."""
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    t2i = [r for r in summary if r["dit_cond"] == "text"]
+    for v, name, color in (("none", "Baseline (w/o text)", "tab:blue"), ("both", "TexTok", "tab:red")):
+        rows = [r for r in t2i if r["text_in"] == v]
+        for ax, k in zip(axes[:2], ("gfid", "adherence")):
+            rows_k = [r for r in rows if r[k] is not None]
+            ax.errorbar([r["num_tokens"] for r in rows_k], [r[k] for r in rows_k], yerr=[r[f"{k}_std"] for r in rows_k],
+                        label=name, color=color, marker="o", capsize=3)
+        axes[2].errorbar([r["seconds_per_image"] * 1000 for r in rows], [r["gfid"] for r in rows],
+                         yerr=[r["gfid_std"] for r in rows], color=color, marker="o", capsize=3, ls="none", label=name)
+        for r in rows:
+            axes[2].annotate(f"{r['num_tokens']}", (r["seconds_per_image"] * 1000, r["gfid"]), fontsize=8,
+                             xytext=(4, 4), textcoords="offset points")
+    if t2i:
+        axes[2].axvline(t2i[0]["seconds_per_image_2d_grid"] * 1000, color="gray", ls="--", label="2D grid (time only)")
+    for ax, title in zip(axes, ("gFID, T2I (lower is better)", "prompt adherence (higher is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["num_tokens"] for r in t2i}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.minorticks_off()
+        ax.set_xlabel("number of tokens")
+        ax.set_title(title)
+    axes[2].set_xlabel("ms per image (prompt to pixels)")
+    axes[2].set_title("gFID against generation time (Fig. 4)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def figure5(args, seed, path, count=6):
+    """Fig. 5 style: held-out prompts, the real image, then baseline and TexTok samples at each token
+    count (the DiT-T2I of each, the same noise for every column)."""
+    from data import load_splits
+    from pixels import save_grid
+    from sample import load_dit, load_tokenizer
+    from textok import TextEncoder
+    _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
+                              args.skip_bad, progress=False)
+    count = min(count, len(held_out))
+    prompts = list(held_out.captions[:count])
+    cols, titles = [torch.stack([held_out[i][0] for i in range(count)])], ["real"]
+    for n in args.tokens:
+        for v in ("none", "both"):
+            if read_generation_result(args, f"n{n}-{v}-s{seed}/dit-text") is None:  # unfinished
+                continue
+            ckpt = os.path.join(args.out, f"n{n}-{v}-s{seed}", "dit-text", "ckpt-latest.pt")
+            dit, meta = load_dit(ckpt)
+            tok = load_tokenizer(meta["tokenizer"], meta)
+            encoder = TextEncoder(meta["text_encoder"], meta["text_len"])
+            images, _ = draw_samples(dit, tok, meta, encoder, None, prompts,
+                                     prompts if v == "both" else [None] * count, seed)
+            cols.append(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)  # (count, 3, H, W)
+            titles.append(f"{'base' if v == 'none' else 'TexTok'} {n}")
+    save_grid(path, [torch.stack([c[i] for c in cols]) for i in range(count)], titles, prompts)
+
+
+def report_generation(args, jobs, command):
+    """generation.json (the command, every DiT run, the summary), generation.md, generation.png and
+    fig5.png in --results (and the README's generation table, for the published sweep)."""
+    runs = [r for job in jobs for cond in job["dits"] if (r := read_generation_result(args, f"{job['name']}/dit-{cond}"))]
+    if not runs:
+        print("no finished generation runs to summarise yet")
+        return None
+    os.makedirs(args.results, exist_ok=True)
+    summary = summarise_generation(runs)
+    recon = summarise([r for r in (read_result(args, job) for job in jobs) if r])
+    md = generation_markdown(summary, recon, args, sum(r["train_seconds"] for r in runs) / 60)
+    out = {"command": command, "settings": {**sweep_settings(args), **generation_settings(args)}, "seeds": args.seeds,
+           "runs": runs, "summary": summary}
+    write_json(os.path.join(args.results, "generation.json"), out)
+    write_text(os.path.join(args.results, "generation.md"), md)
+    plot_generation(summary, os.path.join(args.results, "generation.png"))
+    figure5(args, args.seeds[0], os.path.join(args.results, "fig5.png"))
+    if os.path.normpath(args.results) == os.path.normpath("docs/results"):
+        update_readme(md, markers="generation")
+    print(md + f"\nwritten to {args.results}/ (generation.json, generation.md, generation.png, fig5.png)")
+    return out
+
+
+#################################################################################
 #                                     Main                                      #
 #################################################################################
+
+def pin_settings(args, filename, settings):
+    """<out>/<filename> pins the settings a sweep's runs share: runs made with other settings would be
+    averaged together, so a rerun with others into the same --out is refused."""
+    path = os.path.join(args.out, filename)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            raise UserError(f"{args.out} holds a sweep with other settings (saved, now): {changed}; resume it with "
+                            f"the same flags, or pass another --out")
+    elif not args.report:  # written by a sweep that trains: a --report of nothing pins no settings
+        os.makedirs(args.out, exist_ok=True)
+        write_json(path, settings)
+
+
+def execute(args, todo, total, work, said):
+    """Runs work(item, args, threads) for every item of `todo`, `--jobs` at a time, with a progress bar
+    over `total` items; said(result) is the line each finished item prints. A failed item is said at
+    the end; the others go on."""
+    from tqdm import tqdm
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    print(f"{total} runs, {total - len(todo)} already done; {len(todo)} to go, {args.jobs} at a time "
+          f"({threads} thread(s) each); logs in {args.out}/<run>/run.log")
+    bar = tqdm(total=total, initial=total - len(todo), desc="reproduce", unit="run")
+    failed = []
+
+    def done(result):
+        bar.write(said(result))
+        bar.update(1)
+    if args.jobs == 1:  # in this process (a GPU, or a one-core machine)
+        for item in todo:
+            try:
+                done(work(item, args, threads))
+            except UserError as e:
+                bar.write(f"error: {e}")
+                failed.append(e)
+    else:
+        # spawn, not fork: each worker starts a fresh interpreter, not a copy of this one's torch state (a
+        # forked child inherits its thread pool, and cannot initialise CUDA once the parent has).
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(work, item, args, threads) for item in todo]):
+                try:
+                    done(future.result())  # a failed run raises here (the work names it)
+                except UserError as e:
+                    bar.write(f"error: {e}")
+                    failed.append(e)
+    bar.close()
+    if failed:
+        raise UserError(f"{len(failed)} of {len(todo)} run(s) failed, the first: {failed[0]}")
+
 
 def main(argv=None):
     """Plans the sweep, refuses to mix two sweeps' settings in one --out, trains and scores every run
@@ -458,52 +894,24 @@ def main(argv=None):
     # Every run's train.py flags are checked now, in one line on the terminal, not in the first run's log.
     import train
     train.get_args(train_argv(args, runs[0], os.path.join(args.out, runs[0]["name"])))
-    # sweep.json pins the shared settings: runs made with other settings would be averaged together.
-    settings_path = os.path.join(args.out, "sweep.json")
-    if os.path.isfile(settings_path):
-        with open(settings_path) as f:
-            saved = json.load(f)
-        changed = {k: (saved.get(k), v) for k, v in sweep_settings(args).items() if saved.get(k) != v}
-        if changed:
-            raise UserError(f"{args.out} holds a sweep with other settings (saved, now): {changed}; resume it with "
-                             f"the same flags, or pass another --out")
-    elif not args.report:  # written by a sweep that trains: a --report of nothing pins no settings
-        os.makedirs(args.out, exist_ok=True)
-        write_json(settings_path, sweep_settings(args))
+    pin_settings(args, "sweep.json", sweep_settings(args))
+    if args.generation:
+        train.get_args(dit_argv(args, runs[0], "text", os.path.join(args.out, runs[0]["name"], "dit-text")))
+        pin_settings(args, "generation-sweep.json", generation_settings(args))
+        jobs = plan_generation(args)
+        # A job is finished when each of its DiTs has a result.json; the same command run again does the rest.
+        todo = [job for job in jobs if any(read_generation_result(args, f"{job['name']}/dit-{c}") is None
+                                           for c in job["dits"])]
+        if not args.report and todo:
+            execute(args, todo, len(jobs), generation_one, lambda rs: "; ".join(
+                f"{r['name']}: gFID {r['gfid']:.1f}" + (f", adherence {r['adherence']:.3f}" if r.get("adherence")
+                                                         is not None else "") for r in rs))
+        return report_generation(args, jobs, command)
     # A run with a result.json is finished: the same command run again trains only the others.
     todo = [run for run in runs if read_result(args, run) is None]
     if not args.report and todo:
-        from tqdm import tqdm
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        print(f"{len(runs)} runs, {len(runs) - len(todo)} already done; {len(todo)} to go, {args.jobs} at a time "
-              f"({threads} thread(s) each); logs in {args.out}/<run>/run.log")
-        bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="reproduce", unit="run")
-
-        def done(r):
-            bar.write(f"{r['name']}: PSNR {r['psnr']:.2f} dB, rFID {r['rfid']:.1f}"
-                      + (f", with another caption {r['psnr_other']:.2f} dB" if "psnr_other" in r else ""))
-            bar.update(1)
-        failed = []  # a run that fails is said at the end; the others go on
-        if args.jobs == 1:  # in this process (a GPU, or a one-core machine)
-            for run in todo:
-                try:
-                    done(run_one(run, args, threads))
-                except UserError as e:
-                    bar.write(f"error: {e}")
-                    failed.append(e)
-        else:
-            # spawn, not fork: each worker starts a fresh interpreter, not a copy of this one's torch state (a
-            # forked child inherits its thread pool, and cannot initialise CUDA once the parent has).
-            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for future in as_completed([pool.submit(run_one, run, args, threads) for run in todo]):
-                    try:
-                        done(future.result())  # a failed run raises here (run_one names it)
-                    except UserError as e:
-                        bar.write(f"error: {e}")
-                        failed.append(e)
-        bar.close()
-        if failed:
-            raise UserError(f"{len(failed)} of {len(todo)} run(s) failed, the first: {failed[0]}")
+        execute(args, todo, len(runs), run_one, lambda r: f"{r['name']}: PSNR {r['psnr']:.2f} dB, rFID {r['rfid']:.1f}"
+                + (f", with another caption {r['psnr_other']:.2f} dB" if "psnr_other" in r else ""))
     return report(args, runs, command)
 
 
