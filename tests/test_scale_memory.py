@@ -135,3 +135,21 @@ def test_minibatch_std_groups_never_mix_real_and_fake_images(b):
     torch.testing.assert_close(logits[:b], other[:b], rtol=0, atol=0)
     torch.testing.assert_close(logits[b:], disc(fake), rtol=1e-5, atol=1e-6)
     assert not torch.equal(logits[b:], other[b:])  # the fakes' own logits do change
+
+
+def test_the_memory_benchmark_counts_what_backward_keeps():
+    # Linear(D, H) -> GELU -> Linear(H, D) under bf16 autocast keeps, per image, the bf16 copy of the input
+    # (D values), the GELU's input (H) and the second Linear's input (H), 2 bytes each; not the weights.
+    import bench
+    D, H = 24, 40
+    with bench.fake_tensors():
+        net = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.GELU(), torch.nn.Linear(H, D))
+        assert bench.per_image(lambda b: net(torch.randn(b, D)), net.parameters(), B=3) == 2 * (D + 2 * H)
+        # ... and --grad-checkpoint's saving is seen: a checkpointed TexTok keeps a fraction of the plain one's.
+        tok = TexTok(make_config("TexTok-T", image_size=16, patch_size=4, num_tokens=8, text_dim=12, text_len=6))
+
+        def forward(b, checkpointed):
+            tok.encoder.grad_checkpoint = tok.decoder.grad_checkpoint = checkpointed
+            tok(torch.randn(b, 3, 16, 16), torch.randn(b, 6, 12))
+        plain, checkpointed = (bench.per_image(lambda b: forward(b, c), tok.parameters()) for c in (False, True))
+    assert 0 < checkpointed < plain / 3
