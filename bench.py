@@ -2,11 +2,12 @@
 How fast is it? Throughput and model-FLOPs utilisation (MFU) of the tokenizer's training step, the
 DiT's training step and sampling at several token counts, the generation time per image against
 the same DiT on a 2D latent grid (DiT-XL/2 on SD-VAE latents, paper Fig. 4), and what text
-conditioning costs.
+conditioning costs. And how much memory a training step needs (--only memory), at the paper's sizes.
 
     python bench.py                                   # tiny sizes, runs on a CPU in about a minute
     python bench.py --tokenizer TexTok-B --image-size 256 --patch-size 16 --dit DiT-XL --batch-size 64 \\
         --sample-steps 250 --json bench-h100.json     # the paper's sizes on a GPU (bf16, compiled)
+    python bench.py --only memory                     # per-image activations, the batch that fits (docs/scale.md)
 
 MFU = (analytic FLOPs of what was run) / seconds / (the device's peak dense bf16 FLOP/s). The
 FLOP counts are written out below as formulas; tests/test_bench.py checks them against
@@ -14,12 +15,17 @@ torch.utils.flop_counter on small configs. Only matmuls and convolutions are cou
 norms and activations are a few percent), as in the PaLM / nanoGPT MFU convention.
 """
 import argparse
+import contextlib
 import time
+from unittest import mock
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+import dit
+import textok
 from devices import autocast
 from dit import DiT, Diffusion, guided, make_dit_config
 from files import write_json
@@ -443,6 +449,145 @@ def bench_loader(args):
     return results
 
 
+#################################################################################
+#                                    Memory                                     #
+#################################################################################
+
+GiB, MiB = 2 ** 30, 2 ** 20
+# Cards of 24, 48 and 80 GiB: an RTX 3090/4090 holds 24 GiB, an A100/H100 80 GB 80 GiB; an L40S or A6000 ("48 GB")
+# holds 45 GiB, so take a few images off its column.
+GPUS_GB = (24, 48, 80)
+
+
+@contextlib.contextmanager
+def fake_tensors():
+    """Networks and inputs built in the block are fake tensors (FakeTensorMode): shapes, dtypes and a
+    device, no data and no arithmetic, so the paper's sizes are counted in seconds on any CPU and in
+    no memory. trunc_normal_ redraws until its values are in range, a loop fake tensors cannot run;
+    a plain normal stands in for it (initial values change no shape)."""
+    @torch.no_grad()
+    def normal_(t, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
+        return t.normal_(mean, std)
+    with FakeTensorMode(), mock.patch.object(nn.init, "trunc_normal_", normal_):
+        yield
+
+
+@contextlib.contextmanager
+def saved_activations(params):
+    """Counts the bytes autograd keeps for backward while a forward runs in the block: every tensor
+    saved for backward (saved_tensors_hooks), and the inputs that --grad-checkpoint keeps in their
+    place (torch.utils.checkpoint runs its block under its own hooks, which hide what it recomputes);
+    each storage once, the weights (`params`) not at all. Yields a dict whose "bytes" is filled in."""
+    storage = lambda t: t.untyped_storage()._cdata  # one id per storage, shared by its views
+    seen, out = {storage(p) for p in params}, {"bytes": 0}
+
+    def count(t):
+        if isinstance(t, torch.Tensor) and storage(t) not in seen:
+            seen.add(storage(t))
+            out["bytes"] += t.untyped_storage().nbytes()
+        return t
+
+    def checkpoint_counted(fn, *args, **kwargs):
+        for a in args:
+            count(a)
+        return checkpoint(fn, *args, **kwargs)
+    checkpoint = textok.checkpoint
+    textok.checkpoint = dit.checkpoint = checkpoint_counted
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            yield out
+    finally:
+        textok.checkpoint = dit.checkpoint = checkpoint
+
+
+def per_image(forward, params, B=2):
+    """Saved-activation bytes per image of `forward(b)`, under bf16 autocast as a GPU step runs: the
+    count at b = B minus that at b = 1, divided by B - 1, so what does not grow with the batch (the
+    bf16 copies of the weights that autocast makes) is left out. Call it inside fake_tensors()."""
+    params, counts = list(params), []
+    for b in (1, B):
+        with torch.autocast("cpu", dtype=torch.bfloat16), saved_activations(params) as saved:
+            forward(b)
+        counts.append(saved["bytes"])
+    return (counts[1] - counts[0]) / (B - 1)
+
+
+def textok_memory(args, size, R, p, N):
+    """(Inside fake_tensors.) One row: TexTok `size` at R px (patch p, N tokens), per training image:
+    TexTok's activations without and with --grad-checkpoint, LPIPS', the discriminator's as the
+    tokenizer's critic (one image) and in its own step (real + fake: two); and the static bytes of
+    everything trained."""
+    cfg = make_config(size, image_size=R, patch_size=p, num_tokens=N, text_dim=args.text_dim, text_len=args.text_len)
+    tok = TexTok(cfg)
+    disc = Discriminator(R, 16384, 512)  # the paper's ~24M-parameter D (train.py: --disc-channel-base 16384 ...)
+    lpips = LPIPS().requires_grad_(False)
+    images = lambda b: torch.rand(b, 3, R, R) * 2 - 1  # (b, 3, R, R)
+    text = lambda b: (torch.randn(b, args.text_len, args.text_dim), torch.ones(b, args.text_len, dtype=torch.bool))
+
+    def tokenizer(b, checkpointed):
+        for vit in (tok.encoder, tok.decoder):
+            vit.grad_checkpoint = checkpointed
+        tok(images(b), *text(b))
+    recon = lambda b: images(b).requires_grad_()  # the tokenizer's output: gradients flow back through it
+    row = {"bench": "memory", "model": size, "image_size": R, "patch_size": p, "tokens": N,
+           "textok_mib": per_image(lambda b: tokenizer(b, False), tok.parameters()) / MiB,
+           "textok_checkpointed_mib": per_image(lambda b: tokenizer(b, True), tok.parameters()) / MiB,
+           "lpips_mib": per_image(lambda b: lpips(recon(b), images(b)), lpips.parameters()) / MiB,
+           "critic_mib": per_image(lambda b: disc.requires_grad_(False)(recon(b)), disc.parameters()) / MiB}
+    disc.requires_grad_(True)
+    row["d_step_mib"] = 2 * per_image(lambda b: disc(images(b)), disc.parameters()) / MiB
+    # Static, per parameter: trained nets fp32 weights, gradients and AdamW's two moments (16 bytes),
+    # TexTok also its EMA (4), each its bf16 weight copies under autocast (2); LPIPS' frozen VGG 4 + 2.
+    n_tok, n_d, n_lpips = (sum(q.numel() for q in m.parameters()) for m in (tok, disc, lpips))
+    row["params_m"] = {"textok": n_tok / 1e6, "discriminator": n_d / 1e6, "lpips": n_lpips / 1e6}
+    row["static_gib"] = (22 * n_tok + 18 * n_d + 6 * n_lpips) / GiB
+    # The step's peak: TexTok's backward starts with TexTok's, LPIPS' and the critic's activations alive;
+    # D's step comes after they are freed, on twice the images.
+    for mode, textok_key in (("", "textok_mib"), ("_checkpointed", "textok_checkpointed_mib")):
+        row[f"step{mode}_mib"] = max(row[textok_key] + row["lpips_mib"] + row["critic_mib"], row["d_step_mib"])
+    return fits(row, row["static_gib"], ("step_mib", "step_checkpointed_mib"))
+
+
+def dit_memory(args, size, N):
+    """(Inside fake_tensors.) One row: DiT `size` over N tokens (class-conditional, or T2I with --t2i), per
+    training sample, without and with --grad-checkpoint; static: fp32 weights, gradients, AdamW, EMA, bf16 copies."""
+    cond = dict(cond="text", text_dim=args.text_dim, text_len=args.text_len) if args.t2i else dict(cond="class")
+    # make_dit's network, built here: its .to(device) cannot move fake tensors.
+    model, diff = DiT(make_dit_config(size, num_tokens=N, token_dim=8, **cond)), Diffusion()
+
+    def step(b, checkpointed):
+        model.grad_checkpoint = checkpointed
+        diff.loss(model, torch.randn(b, N, 8), **dit_inputs(args, model, b, torch.device("cpu")))
+    n = sum(q.numel() for q in model.parameters())
+    row = {"bench": "memory", "model": size, "tokens": N, "params_m": n / 1e6,
+           "step_mib": per_image(lambda b: step(b, False), model.parameters()) / MiB,
+           "step_checkpointed_mib": per_image(lambda b: step(b, True), model.parameters()) / MiB,
+           "static_gib": 22 * n / GiB}
+    return fits(row, row["static_gib"], ("step_mib", "step_checkpointed_mib"))
+
+
+def fits(row, static_gib, keys):
+    """Adds, per GPU size and per key, the micro-batch that fits: 90% of the card (the rest for the CUDA
+    context, cuBLAS/cuDNN workspaces and the allocator's fragmentation), less the static memory,
+    over the activations per image. An estimate: train.py --memory-check on the card is the test."""
+    for gb in GPUS_GB:
+        for key in keys:
+            free = 0.9 * gb * GiB - static_gib * GiB
+            row[f"fits_{gb}gb{key[len('step'):-len('_mib')]}"] = max(0, int(free // (row[key] * MiB)))
+    return row
+
+
+def bench_memory(args):
+    """The memory table of docs/scale.md: TexTok-S/B at 128 px (patch 8, 64 tokens) and 256 px (patch 16,
+    128 tokens), DiT-B/XL at --dit-tokens, with the paper's caption length and width (--text-len,
+    --text-dim: 128 and 2048 for T5-XL). Forward passes on fake tensors at batch 1 and 2: a minute, no GPU."""
+    with fake_tensors():
+        rows = [textok_memory(args, size, R, p, N) for size in ("TexTok-S", "TexTok-B")
+                for R, p, N in ((128, 8, 64), (256, 16, 128))]
+        rows += [dit_memory(args, size, N) for size in ("DiT-B", "DiT-XL") for N in args.dit_tokens]
+    return rows
+
+
 def get_args(argv=None):
     """What to time: the models' sizes (tiny by default, the paper's in the module docstring) and how."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -468,8 +613,9 @@ def get_args(argv=None):
     p.add_argument("--loader-images", type=int, default=1000, help="images the loader benchmark writes and reads")
     p.add_argument("--loader-source-size", type=int, default=384, help="their side before the crop to --image-size")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader worker processes (train.py --num-workers)")
-    p.add_argument("--only", nargs="+", default=None, choices=["tokenizer", "dit", "generation", "text", "loader"],
-                   help="default: all but loader")
+    p.add_argument("--only", nargs="+", default=None,
+                   choices=["tokenizer", "dit", "generation", "text", "loader", "memory"],
+                   help="default: all but loader and memory (memory: run it with --text-len 128 --text-dim 2048)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -498,6 +644,8 @@ def main(argv=None):
         results.append(bench_text_cost(args, device, amp))
     if "loader" in only:
         results += bench_loader(args)  # one result per data format
+    if "memory" in only:
+        results += bench_memory(args)  # counted on the CPU whatever the device: the bytes are the same
     for r in results:
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if args.json:  # the device and flags beside the numbers: a rate means nothing without them

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from files import MissingFile, UserError, atomic_write, load_config, load_weights, saved_kind, write_json
 
@@ -240,6 +241,7 @@ class DiT(nn.Module):
         # with fixed variances, which is what the DDIM sampler needs and what the paper's
         # ablations would not distinguish.
         self.final = FinalLayer(D, cfg.token_dim)
+        self.grad_checkpoint = False  # train.py --grad-checkpoint: recompute each block in backward
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -287,7 +289,11 @@ class DiT(nn.Module):
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
             ctx, ctx_mask = self.text_embed(text, text_mask, drop)  # (B, Lt, D), (B, Lt)
         for block in self.blocks:
-            x = block(x, c, ctx, ctx_mask)  # (B, N, D)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # Activation checkpointing: only the block's input is kept; backward reruns its forward.
+                x = checkpoint(block, x, c, ctx, ctx_mask, use_reentrant=False)  # (B, N, D)
+            else:
+                x = block(x, c, ctx, ctx_mask)  # (B, N, D)
         return self.final(x, c)  # (B, N, d)
 
     # ---- save / load: config.json (+ what the DiT was trained against) + model.safetensors ----

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from files import MissingFile, UserError, atomic_write, load_config, load_weights, saved_kind, write_json
 
@@ -318,6 +319,7 @@ class ViT(nn.Module):
         self.cond = CondTokens(cfg) if conditioned else None
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, self.cross) for _ in range(depth))
         self.norm = nn.LayerNorm(cfg.width)
+        self.grad_checkpoint = False  # train.py --grad-checkpoint: recompute each block in backward
 
     def forward(self, x, text=None, text_mask=None, labels=None):
         # x: (B, S, D) the image-side tokens; returns the same S positions, transformed.
@@ -331,7 +333,12 @@ class ViT(nn.Module):
                 x = torch.cat([x, c.to(x.dtype)], dim=1)  # (B, S + Nt, D)
                 mask = torch.cat([torch.ones(x.shape[0], S, dtype=torch.bool, device=x.device), c_mask], 1)  # (B, S + Nt)
         for block in self.blocks:
-            x = block(x, mask, ctx, ctx_mask)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # Activation checkpointing: keep only the block's input, rerun its forward in backward.
+                # Memory per block falls from ~a dozen (B, S, D) tensors to one, for about a third more compute.
+                x = checkpoint(block, x, mask, ctx, ctx_mask, use_reentrant=False)  # (B, S + Nt, D)
+            else:
+                x = block(x, mask, ctx, ctx_mask)  # (B, S + Nt, D)
         return self.norm(x[:, :S])  # (B, S, D): condition positions dropped
 
 
@@ -723,23 +730,28 @@ class Discriminator(nn.Module):
         self.fc = nn.Linear(c * 16, c)
         self.out = nn.Linear(c, 1)
 
-    def minibatch_std(self, x):
+    def minibatch_std(self, x, parts=1):
         # StyleGAN's minibatch-stddev feature: the std of each feature across a small group of
-        # images, averaged to one extra channel, lets D notice a lack of variety. Groups here are
-        # *consecutive* images, so a batch built as cat([real, fake]) never mixes the two.
+        # images, averaged to one extra channel, lets D notice a lack of variety. x is `parts`
+        # equal batches stacked (train.py's D step: cat([real, fake]), parts=2); groups are
+        # consecutive images and their size divides one part, so a group never mixes real and
+        # fake, and the fakes form the same groups here as in the critic's call on them alone.
         B, C, H, W = x.shape
-        G = min(self.mbstd_group, B)
-        while B % G:
+        G = min(self.mbstd_group, B // parts)
+        while (B // parts) % G:
             G -= 1
         y = x.float().reshape(B // G, G, C, H, W)
         y = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B/G,)
         y = y.repeat_interleave(G).reshape(B, 1, 1, 1).expand(B, 1, H, W).to(x.dtype)
         return torch.cat([x, y], dim=1)  # (B, C+1, H, W)
 
-    def forward(self, x):
+    def forward(self, x, parts=1):
+        # x: (B, 3, R, R), `parts` equal batches stacked (see minibatch_std).
+        if x.shape[0] % parts:
+            raise ValueError(f"a batch of {x.shape[0]} images is not {parts} equal parts")
         x = F.leaky_relu(self.from_rgb(x), 0.2)  # (B, C, R, R)
         x = self.blocks(x)  # (B, C', 4, 4)
-        x = F.leaky_relu(self.conv(self.minibatch_std(x)), 0.2)  # (B, C', 4, 4)
+        x = F.leaky_relu(self.conv(self.minibatch_std(x, parts)), 0.2)  # (B, C', 4, 4)
         x = F.leaky_relu(self.fc(x.flatten(1)), 0.2)  # (B, C')
         return self.out(x).squeeze(1)  # (B,) logits
 

@@ -7,6 +7,7 @@ path: TexTok (--stage tokenizer), then a DiT on its latent tokens (--stage dit).
     python train.py --model TexTok-B --image-size 256 --patch-size 16 --num-tokens 128 \\
         --data /data/imagenet/train --captions captions.jsonl --text-encoder t5-xl --batch-size 256
     torchrun --nproc_per_node=8 train.py ...           # DDP: same flags, --batch-size is global
+    python train.py ... --grad-accum 8 --grad-checkpoint  # the same global batch in less memory (docs/scale.md)
 
 What a step does (losses following MAGVIT-v2 [49] and TiTok [50]; the DiT as DiT trains it):
     tokenizer  images + cached caption embeddings -> TexTok -> reconstruction
@@ -127,6 +128,10 @@ def get_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-accum", type=int, default=1, help="K micro-batches of --batch-size / (K x ranks) per "
+                   "rank and step: the same update in about 1/K of the activation memory (docs/scale.md)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="keep only each transformer block's input and "
+                   "recompute the block in backward: far less activation memory for about a third more compute")
     p.add_argument("--ema-decay", type=float, default=None)
     # losses (tokenizer)
     p.add_argument("--l2-weight", type=float, default=1.0)
@@ -146,6 +151,10 @@ def get_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="bf16 autocast or plain fp32 (default: "
                    "bf16 on CUDA, fp32 on the CPU; bf16 on the CPU runs the GPU's mixed-precision path, as tests do)")
+    p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None, help="first run one "
+                   "throwaway step with everything a later step holds (the discriminator's too), so a batch that "
+                   "does not fit fails in the first minute, not at --disc-start (default: on with CUDA)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="images per batch of the held-out evaluation")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=None, help="held-out metrics and image grids")
     p.add_argument("--save-every", type=int, default=None, help="overwrite ckpt-latest.pt")
@@ -172,10 +181,12 @@ def check_args(p, args):
     check_output(p, "--cache-dir", args.cache_dir, folder=True)
     check_ranges(p, args, at_least_1=("image_size", "patch_size", "num_tokens", "token_dim", "text_len", "steps",
                                       "batch_size", "num_images", "val_images", "log_every", "eval_every",
-                                      "save_every", "sample_steps"),
+                                      "save_every", "sample_steps", "grad_accum", "eval_batch_size"),
                  not_negative=("seed", "warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr",
                                "weight_decay", "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
                  positive=("lr", "disc_lr", "grad_clip"), below_1=("beta1", "beta2", "ema_decay"))
+    if args.batch_size % args.grad_accum:
+        error(f"{flag('batch_size')} is not a multiple of {flag('grad_accum')}: each step takes K equal micro-batches")
     if not 0 <= args.text_drop <= 1:
         error(f"{flag('text_drop')} is a share of the images: give a value in [0, 1]")
     if args.min_lr > args.lr:
@@ -294,16 +305,62 @@ def adamw(model, lr, args, device):
     return torch.optim.AdamW(groups, lr=lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
 
 
-def optimizer_step(opt, loss, params, lr, clip):
-    """One step of `opt` on `loss` at learning rate `lr`, the gradient norm clipped to `clip`.
-    Returns the norm before clipping (logged: a spike there is the first sign of a bad lr)."""
+def optimizer_step(opt, model, loss_of, K, params, lr, clip):
+    """One step of `opt` at learning rate `lr` on K micro-batches, the gradient norm clipped to `clip`.
+    `loss_of(k)` runs micro-batch k through `model` (DDP-wrapped or not) -> (loss, {name: term}).
+    Returns (the terms averaged over the K micro-batches, the gradient norm before clipping; logged:
+    a spike there is the first sign of a bad lr)."""
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    terms = accumulate(model, loss_of, K)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
-    return grad_norm
+    return terms, grad_norm
+
+
+def accumulate(model, loss_of, K):
+    """Gradient accumulation: backward of each micro-batch's loss divided by K, so the summed gradient
+    is that of the mean over all K micro-batches, i.e. of one batch K times as large (every loss here
+    is a mean over its images). Each micro-batch's activations are freed by its backward before the
+    next forward: memory is that of one micro-batch. Under DDP the gradients are all-reduced once, in
+    the last backward; no_sync keeps the others local. -> the terms averaged over the micro-batches."""
+    runs = []
+    for k in range(K):
+        with no_sync(model) if k < K - 1 else contextlib.nullcontext():  # no_sync covers forward and backward
+            loss, terms = loss_of(k)
+            (loss / K if K > 1 else loss).backward()  # K = 1: the plain step, not even a division by 1
+        runs.append(terms)
+    if K == 1:
+        return runs[0]
+    return {name: sum(terms[name] for terms in runs) / K for name in runs[0]}
+
+
+def no_sync(model):
+    """DDP's no_sync of `model` (DDP, or torch.compile of a DDP) when it is one, else nothing to do."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile keeps the module it compiled there
+    return ddp.no_sync() if isinstance(ddp, DDP) else contextlib.nullcontext()
+
+
+def allocate_state(opt):
+    """Allocates `opt`'s AdamW moments now, as its first step would, leaving the weights and the step
+    count as they were: a step at lr 0 on zero gradients moves nothing (the weight decay factor is
+    1 - 0 * wd = 1, the moments stay 0), and its step counters are set back to 0. A resumed optimizer
+    that already holds moments is left alone (a step would decay them)."""
+    if opt.state:
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    opt.step()
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
+    for state in opt.state.values():
+        state["step"].zero_()
+    opt.zero_grad(set_to_none=True)
 
 
 def ema_update(ema_params, params, step, decay):
@@ -323,10 +380,12 @@ class Run:
     Everything the two stages share, written once. A stage builds its data and networks, then:
 
         run.start(model, cfg, ...)                         # EMA + AdamW, resume, banner, compile + DDP
+        run.check_memory(...)                              # --memory-check: one throwaway step first
         for x, idx, labels in run.batches(data, workers):  # this rank's share of each global batch
             g = run.draws()                                # the step's randomness, drawn as by one rank
-            loss = ...                                     # the stage's own objective, under run.autocast
-            grad_norm = run.optimize(loss)                 # lr, backward, clip, step, then the EMA
+            parts = run.micro_batches(x, ...)              # --grad-accum K: K equal slices of it
+            def loss_of(k): ...                            # micro-batch k's objective, under run.autocast
+            terms, grad_norm = run.optimize(loss_of)       # lr, K backwards, clip, step, then the EMA
             run.end_step(terms, evaluate)                  # log; evaluate and checkpoint when due
         run.finish(...)                                    # export the EMA weights, plot the curves
 
@@ -337,6 +396,9 @@ class Run:
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.master = rank == 0  # rank 0 alone prints and writes files
         self.B = args.batch_size // world  # this rank's share of the global batch
+        self.K = args.grad_accum  # micro-batches per step: B / K images go through the network at a time
+        self.micro = self.B // self.K
+        self.memory_check = device.type == "cuda" if args.memory_check is None else args.memory_check
         self.compile = device.type == "cuda" if args.compile is None else args.compile
         self.autocast = autocast(device, args.precision)
         self.ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
@@ -370,6 +432,9 @@ class Run:
             print(f"{name}: {sum(p.numel() for p in self.params) / 1e6:.2f}M params | {summary} | {self.world} "
                   f"rank(s) on {device} | global batch {args.batch_size} | compile={self.compile}")
             write_json(os.path.join(args.out, "args.json"), vars(args))
+        for m in self.raw.modules():  # the ViTs of TexTok, the DiT
+            if hasattr(m, "grad_checkpoint"):
+                m.grad_checkpoint = args.grad_checkpoint
         self.model = self.wrap(self.raw)[1].train()  # what the loop calls
         self.bar = tqdm(total=args.steps, initial=self.step, disable=not self.master, desc=f"train {args.stage}",
                         unit="step", dynamic_ncols=True)
@@ -381,7 +446,11 @@ class Run:
         compiled = torch.compile(module) if self.compile else module
         if not dist.is_initialized():
             return compiled, compiled
-        return compiled, DDP(compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        ddp = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # compile(DDP(m)), not DDP(compile(m)): DDP around a compiled module sees one backward node and
+        # all-reduces every gradient after backward has ended; compiling the DDP module lets the compiler
+        # cut the graph at DDP's 25 MB buckets, so each bucket's all-reduce overlaps the rest of backward.
+        return compiled, torch.compile(ddp) if self.compile else ddp
 
     def batches(self, dataset, workers):
         """This rank's (inputs, indices, labels) batches until end_step has counted --steps: step k
@@ -407,12 +476,46 @@ class Run:
         """This rank's rows of a tensor drawn for the global batch, on its device."""
         return t[self.rank * self.B:(self.rank + 1) * self.B].to(self.device)
 
-    def optimize(self, loss):
-        """The trained network's step at this step's learning rate, then its EMA; -> the grad norm."""
+    def micro_batches(self, *tensors):
+        """--grad-accum K: this rank's batch cut into K consecutive micro-batches, [(t1[k], t2[k], ...)]
+        for k < K (None stays None). K = 1 is the batch itself. Step k reads the same images and draws
+        with any K: only how many go through the network at a time changes."""
+        if self.K == 1:
+            return [tensors]
+        cut = [t.split(self.micro) if t is not None else [None] * self.K for t in tensors]
+        return list(zip(*cut))
+
+    def optimize(self, loss_of):
+        """The trained network's step at this step's learning rate over the K micro-batches (`loss_of(k)`
+        -> (loss, terms)), then its EMA; -> (the terms averaged over the step, the grad norm)."""
         lr = lr_at(self.step, self.args.lr, self.args)
-        grad_norm = optimizer_step(self.opt, loss, self.params, lr, self.args.grad_clip)  # DDP averaged the grads
+        terms, grad_norm = optimizer_step(self.opt, self.model, loss_of, self.K, self.params, lr,
+                                          self.args.grad_clip)  # DDP averaged the grads over the ranks
         ema_update(self.ema_params, self.params, self.step, self.args.ema_decay)
-        return grad_norm
+        return terms, grad_norm
+
+    def check_memory(self, step, evaluate, optimizers):
+        """--memory-check (default on CUDA): before the first step, what the largest step will hold, so
+        a batch that does not fit fails now rather than hours in (the discriminator's activations and
+        AdamW moments appear first at --disc-start): every optimizer's moments, then `step()`, the
+        forward and backward of one micro-batch of zeros through everything a step runs, then on rank 0
+        `evaluate()`, an evaluation batch beside the gradients still held. No weight, moment, buffer or
+        random number changes (zeros in, lr 0, no draws): the run goes on as without the check."""
+        if not self.memory_check:
+            return
+        try:
+            for opt in optimizers:
+                allocate_state(opt)
+            step()
+            if self.master:
+                with torch.no_grad():
+                    evaluate()
+        except torch.cuda.OutOfMemoryError:  # one line instead of the allocator's report
+            raise UserError(f"out of GPU memory in a step of {self.micro} images per micro-batch (or an evaluation "
+                            f"batch of {self.args.eval_batch_size}): raise --grad-accum (now {self.K}), add "
+                            f"--grad-checkpoint or lower --eval-batch-size; docs/scale.md lists what fits") from None
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
 
     def end_step(self, terms, evaluate):
         """Counts the step and logs `terms` ({name: scalar tensor}); rank 0 evaluates (`evaluate()` ->
@@ -517,6 +620,56 @@ def train_tokenizer(run):
     if use_text and args.text_drop > 0:  # what --text-drop gives: the held-out cache's last row (caption_caches)
         empty_text, empty_mask = fetch_text(val_text, [len(val_set)], device)  # (1, Nt, Dt), (1, Nt)
 
+    # -- the tokenizer's step: reconstruct through the posterior sample (noise fixes it) --
+    # TexTok §3.2 after MAGVIT-v2: L2 + LPIPS + a KL that only keeps the latent near N(0, I), + GAN once D starts.
+    def tokenizer_loss(x, text, mask, lab, noise, adversarial, recons):
+        with run.autocast:
+            recon, post = run.model(x, text, mask, lab, noise=noise)  # (b, 3, H, W), Posterior of (b, N, d)
+            loss_lpips = lpips(recon, x).mean() if lpips is not None else zero
+        loss_l2, loss_kl = l2_loss(recon, x), kl_loss(post)  # fp32 (house rule 6)
+        loss = args.l2_weight * loss_l2 + args.lpips_weight * loss_lpips + args.kl_weight * loss_kl
+        loss_g = zero
+        if adversarial:
+            disc.requires_grad_(False)  # D is only a critic here: gradients reach the image, not D
+            with run.autocast:
+                loss_g = g_loss(critic(recon), args.gan_loss)
+            disc.requires_grad_(True)
+            loss = loss + args.gan_weight * loss_g
+        recons.append(recon.detach())  # what D is shown as fake in its step
+        return loss, dict(loss=loss, l2=loss_l2, lpips=loss_lpips, kl=loss_kl, g_adv=loss_g)
+
+    # -- the discriminator's step: real and fake in one batch, so one DDP forward/backward --
+    # LeCAM (Tseng et al. 2021) ties D's logits to moving averages, so D overfits less to data seen every epoch.
+    def disc_loss(x, recon, means):
+        with run.autocast:  # parts=2: minibatch-std groups never mix real and fake
+            real, fake = disc_ddp(torch.cat([x, recon]), parts=2).float().chunk(2)  # (b,) logits each
+        loss_lecam, loss_d = lecam(real, fake), d_loss(real, fake, args.gan_loss)
+        means.append(torch.stack([real.mean(), fake.mean()]).detach())  # for the anchors, after the step
+        return loss_d + args.lecam_weight * loss_lecam, dict(d=loss_d, lecam=loss_lecam)
+
+    def zeros_batch(b):  # for --memory-check: b images of zeros with the longest caption a batch can have
+        x = torch.zeros(b, 3, args.image_size, args.image_size, device=device)  # (b, 3, H, W)
+        Nt, Dt = args.text_len, train_text[0].shape[-1] if use_text else 0
+        text = torch.zeros(b, Nt, Dt, device=device) if use_text else None  # (b, Nt, Dt)
+        mask = torch.ones(b, Nt, dtype=torch.bool, device=device) if use_text else None  # (b, Nt)
+        return x, text, mask, torch.zeros(b, dtype=torch.long, device=device)  # labels (b,)
+
+    def throwaway_step():  # both steps' forward and backward on one micro-batch, as from --disc-start on
+        x, text, mask, lab = zeros_batch(run.micro)
+        noise, recons = torch.zeros(run.micro, cfg.num_tokens, cfg.token_dim, device=device), []  # (b, N, d)
+        tokenizer_loss(x, text, mask, lab, noise, gan, recons)[0].backward()
+        if gan:
+            disc_loss(x, recons[0], [])[0].backward()
+
+    def evaluation_batch():  # one held-out batch through the EMA tokenizer, and the attention shares
+        x, text, mask, lab = zeros_batch(args.eval_batch_size)
+        with run.autocast:
+            run.ema(x, text, mask, lab, sample=False)
+        if use_text and args.text_mode == "in-context":
+            run.ema.text_attention(x, text, mask, lab)
+
+    run.check_memory(throwaway_step, evaluation_batch, [run.opt] + ([opt_d] if gan else []))
+
     # ---- the loop ----
     for x, idx, lab in run.batches(train_set, args.num_workers):
         x, lab = x.to(device, non_blocking=True), lab.to(device, non_blocking=True)  # (B, 3, H, W), (B,)
@@ -537,48 +690,34 @@ def train_tokenizer(run):
             text = torch.where(drop[:, None, None], empty_text[:, :L], text)  # (B, L, Dt)
             mask = torch.where(drop[:, None], empty_mask[:, :L], mask)  # (B, L)
         adversarial = gan and run.step >= args.disc_start
+        # --grad-accum K: the batch goes through in K micro-batches of B/K (the same images and draws as
+        # K = 1). Every loss is a per-image mean, so the update is K = 1's; only D's minibatch-std
+        # feature, a statistic of groups of 4 consecutive images, sees groups cut at micro-batch ends
+        # when B/K is no multiple of 4.
+        micro, recons = run.micro_batches(x, text, mask, lab, noise), []
+        terms, grad_norm = run.optimize(lambda k: tokenizer_loss(*micro[k], adversarial, recons))
 
-        # -- the tokenizer's step: reconstruct through the posterior sample (noise fixes it) --
-        # TexTok §3.2 after MAGVIT-v2: L2 + LPIPS + a KL that only keeps the latent near N(0, I), + GAN once D starts.
-        with run.autocast:
-            recon, post = run.model(x, text, mask, lab, noise=noise)  # (B, 3, H, W), Posterior of (B, N, d)
-            loss_lpips = lpips(recon, x).mean() if lpips is not None else zero
-        loss_l2, loss_kl = l2_loss(recon, x), kl_loss(post)  # fp32 (house rule 6)
-        loss = args.l2_weight * loss_l2 + args.lpips_weight * loss_lpips + args.kl_weight * loss_kl
-        loss_g = zero
+        d_terms = dict(d=zero, lecam=zero)
         if adversarial:
-            disc.requires_grad_(False)  # D is only a critic here: gradients reach the image, not D
-            with run.autocast:
-                loss_g = g_loss(critic(recon), args.gan_loss)
-            disc.requires_grad_(True)
-            loss = loss + args.gan_weight * loss_g
-        grad_norm = run.optimize(loss)
+            means = []
+            d_terms, _ = optimizer_step(opt_d, disc_ddp, lambda k: disc_loss(micro[k][0], recons[k], means), run.K,
+                                        disc.parameters(), lr_at(run.step, args.disc_lr or args.lr, args),
+                                        args.grad_clip)
+            lecam.update(*mean_across_ranks(torch.stack(means).mean(0)))  # the step's mean logits, on all ranks
 
-        # -- the discriminator's step: real and fake in one batch, so one DDP forward/backward --
-        # LeCAM (Tseng et al. 2021) ties D's logits to moving averages, so D overfits less to data seen every epoch.
-        loss_d = loss_lecam = zero
-        if adversarial:
-            with run.autocast:
-                real, fake = disc_ddp(torch.cat([x, recon.detach()])).float().chunk(2)  # (B,) logits each
-            loss_lecam, loss_d = lecam(real, fake), d_loss(real, fake, args.gan_loss)
-            optimizer_step(opt_d, loss_d + args.lecam_weight * loss_lecam, disc.parameters(),
-                           lr_at(run.step, args.disc_lr or args.lr, args), args.grad_clip)
-            lecam.update(*mean_across_ranks(torch.stack([real.mean(), fake.mean()]).detach()))  # same on all ranks
-
-        run.end_step(dict(loss=loss, l2=loss_l2, lpips=loss_lpips, kl=loss_kl, g_adv=loss_g, d=loss_d,
-                          lecam=loss_lecam, grad_norm=grad_norm),
+        run.end_step(dict(**terms, **d_terms, grad_norm=grad_norm),
                      evaluate=lambda: evaluate_tokenizer(run, val_set, val_text, train_set, train_text))
     run.finish("tokenizer", run.ema.save_pretrained, "recon")
 
 
 @torch.no_grad()
-def decode_with_captions(run, dataset, text, rows, empty, batch_size=64):
+def decode_with_captions(run, dataset, text, rows, empty):
     """Per batch of `dataset`: (images, {"own" | "other" | "empty": the EMA tokenizer's reconstruction
     (posterior mean) with each image's own caption, the next image's, the empty one}, own captions).
     `text` is a caption cache (None: no caption to change) and `rows[k]` the row of item k's caption;
     `empty` the empty caption, (1, Nt, Dt) and (1, Nt). What the caption adds is own against the others."""
     n = len(dataset)
-    for x, idx, lab in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0):
+    for x, idx, lab in torch.utils.data.DataLoader(dataset, batch_size=run.args.eval_batch_size, num_workers=0):
         x, lab = x.to(run.device), lab.to(run.device)
         own = fetch_text(text, [rows[k] for k in idx.tolist()], run.device, trim=not run.compile)  # (b, Nt, Dt), (b, Nt)
         captions = {"own": own}
@@ -699,6 +838,22 @@ def train_dit(run):
               plain={"dit_meta": meta})
     diffusion = Diffusion()
 
+    def dit_loss(x0, t, noise, drop, y, text, mask):  # one micro-batch: y (b,) or text (b, Nt, Dt) + mask (b, Nt)
+        with run.autocast:
+            loss = diffusion.loss(run.model, x0, t=t, noise=noise, drop=drop, y=y, text=text, text_mask=mask)
+        return loss, dict(loss=loss)
+
+    def throwaway_step():  # --memory-check: one micro-batch of zeros, with the longest caption a batch can have
+        b, text = run.micro, cond == "text"
+        x0 = torch.zeros(b, cfg.num_tokens, cfg.token_dim, device=device)  # (b, N, d), also the noise
+        t = torch.zeros(b, dtype=torch.long, device=device)  # (b,), also the labels
+        emb = torch.zeros(b, cfg.text_len, cfg.text_dim, device=device) if text else None  # (b, Nt, Dt)
+        mask = torch.ones(b, cfg.text_len, dtype=torch.bool, device=device) if text else None  # (b, Nt)
+        dit_loss(x0, t, x0, t.bool(), None if text else t, emb, mask)[0].backward()
+
+    # The evaluation samples a few rows of k images without gradients: nothing to check beside a step.
+    run.check_memory(throwaway_step, lambda: None, [run.opt])
+
     # ---- the loop ----
     for z, idx, y in run.batches(LatentSet(latents, labels), workers=0):  # a memory map: no worker processes needed
         x0 = (z.to(device) - mean) / std  # (B, N, d), unit scale per channel
@@ -708,15 +863,11 @@ def train_dit(run):
         # Classifier-free guidance (Ho & Salimans 2022), as DiT trains it: a tenth of the conditions is
         # dropped to the null one, so the same network also learns the unconditional noise.
         drop = run.mine(torch.rand(args.batch_size, generator=g)) < cfg.dropout_prob  # (B,) for the guidance
-        if cond == "class":
-            kw = dict(y=y.to(device))  # (B,)
-        else:
-            text, mask = fetch_text(train_text, idx, device, trim=not run.compile)  # (B, Nt, Dt), (B, Nt)
-            kw = dict(text=text, text_mask=mask)
-        with run.autocast:
-            loss = diffusion.loss(run.model, x0, t=t, noise=noise, drop=drop, **kw)
-        grad_norm = run.optimize(loss)
-        run.end_step(dict(loss=loss, grad_norm=grad_norm),
+        y, text, mask = (y.to(device), None, None) if cond == "class" else (None, *fetch_text(
+            train_text, idx, device, trim=not run.compile))  # (B,) labels, or (B, Nt, Dt) and (B, Nt)
+        micro = run.micro_batches(x0, t, noise, drop, y, text, mask)  # --grad-accum K: K slices of B/K
+        terms, grad_norm = run.optimize(lambda k: dit_loss(*micro[k]))
+        run.end_step(dict(**terms, grad_norm=grad_norm),
                      evaluate=lambda: evaluate_dit(run, tok, meta, cond, tok_text, val_set, val_text))
     run.finish("dit", lambda folder: run.ema.save_pretrained(folder, meta), "samples",
                next_step=f"python sample.py --dit {run.ckpt_path}")
@@ -765,8 +916,10 @@ def main(argv=None):
     args = get_args(argv)
     with distributed() as (rank, world, device):
         # --batch-size is the global batch, as the paper's recipes state it; each rank takes an equal share.
-        if args.batch_size % world:
-            raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks")
+        # --grad-accum K then cuts each rank's share into K micro-batches.
+        if args.batch_size % (world * args.grad_accum):
+            raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} ranks x --grad-accum "
+                            f"{args.grad_accum}: pass a multiple of {world * args.grad_accum}")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # house rule 6
         run = Run(args, rank, world, device)
         os.makedirs(args.out, exist_ok=True)

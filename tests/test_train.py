@@ -4,18 +4,14 @@ import errno
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
-from conftest import captioned_folder, kill_after_checkpoint
+from conftest import assert_same_gradients, captioned_folder, first_gradients, kill_after_checkpoint
 from files import DiskFull, UserError
 from textok import TexTok
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A run small enough for a CPU test: 16 px shapes, a 2+2-layer TexTok, every loss switched on.
 TINY = ["--image-size", "16", "--patch-size", "4", "--num-tokens", "8", "--text-len", "32",
@@ -38,20 +34,18 @@ def losses(out):
 
 
 def test_ddp_two_processes_take_the_same_step_as_one(tmp_path):
-    cache = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = tiny_args(tmp_path / "one", cache, "--steps", "3")
-    two = tiny_args(tmp_path / "two", cache, "--steps", "3")
-    subprocess.run([sys.executable, "train.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29517", "train.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    a, b = load(tmp_path / "one"), load(tmp_path / "two")
-    for part in ("model", "disc", "ema", "lecam"):
-        for k in a[part]:
-            torch.testing.assert_close(a[part][k], b[part][k], atol=2e-5, rtol=1e-4, msg=f"{part}.{k}")
+    # What DDP promises: the gradient two gloo ranks all-reduce, each from half the global batch, is the
+    # one one process computes on all of it, for TexTok's step and the discriminator's (--disc-start 0).
+    # Gradients are compared, not weights after a few Adam steps: Adam's first steps move every weight by
+    # about lr whatever its gradient, so a rounding-level gradient summed in another order (2 ranks) can
+    # step the other way (1.7e-4 apart after 3 steps on an AMD EPYC).
+    cache, first = tmp_path / "cache", ["--disc-start", "0", "--steps", "1"]
+    one, losses_one = first_gradients(tmp_path / "one", cache, *TINY, *first)
+    two, losses_two = first_gradients(tmp_path / "two", cache, *TINY, *first, ranks=2, port=29517)
+    assert len(one) == 2  # TexTok's step and the discriminator's
+    assert_same_gradients(one, two)
     # ... and the logged losses (averaged across ranks) match the single process's.
-    for ra, rb in zip(losses(tmp_path / "one"), losses(tmp_path / "two")):
+    for ra, rb in zip(losses_one, losses_two):
         assert ra["l2"] == pytest.approx(rb["l2"], rel=1e-4) and ra["d"] == pytest.approx(rb["d"], rel=1e-4, abs=1e-6)
 
 
