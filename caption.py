@@ -5,7 +5,7 @@ class-conditional generation, keeps unseen captions per class for decoding.
 
     # caption a folder (flat, or ImageNet-style class folders) into train.py's caption file
     python caption.py /data/imagenet/train --out captions.jsonl --model HuggingFaceTB/SmolVLM-256M-Instruct
-    # many GPUs: each rank captions its share, rank 0 merges
+    # many GPUs: each rank captions its share, rank 0 merges (waiting on files: ranks end hours apart)
     torchrun --nproc_per_node=8 caption.py /data/imagenet/train --out captions.jsonl
     # many machines: one shard each, then merge
     python caption.py /data/imagenet/train --out captions.jsonl --shard 3/16
@@ -29,11 +29,10 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data import IMAGE_EXTS, class_labels, folder_labels, list_images, load_rgb, read_jsonl
-from devices import distributed
+from devices import Handoff, check_shared, distributed
 from files import MissingFile, UserError, check_output, check_ranges, first_line, flag_error, run_main, write_jsonl
 
 # What a chat VLM is asked. The paper's captions (Gemini 1.5 Flash, §4.1) are "detailed", up to 75
@@ -313,14 +312,19 @@ def main(argv=None):
         print(f"captions: {path}  (merge the shards with: python caption.py {args.data} --out {args.out} --merge)")
         return
     with distributed() as (rank, world, device):  # under torchrun each rank captions its share
-        path, _ = caption_folder(args, rank, world, device)
-        if world > 1:
-            dist.barrier()  # every rank's file is complete before rank 0 reads them
-            if rank == 0:
+        check_shared(rank, {"--out": os.path.dirname(os.path.abspath(args.out))})  # rank 0 merges every rank's file
+        # Ranks finish hours apart (images differ in cost, a rank may resume a half-done shard): each one
+        # leaves as soon as its file is complete, and rank 0 waits for their notes on files, not in a barrier.
+        with Handoff(args.out, rank, world, "captioning") as hand:
+            path, _ = caption_folder(args, rank, world, device)
+            if world == 1:
+                print(f"captions: {path}")
+            elif rank > 0:
+                hand.send()
+            else:
+                hand.gather()
                 n = merge(args.out, [f"{args.out}.shard-{r}-of-{world}" for r in range(world)])
                 print(f"merged {world} rank files into {args.out}: {n} captions")
-        else:
-            print(f"captions: {path}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ line that names it and the fix. It imports nothing of the project, so any file c
     atomic_write     a file is always its old content or all of the new: temp file, fsync, rename;
                      a full disk says so, names the file, and leaves no temp file behind
                      (write_json, write_jsonl, write_text, write_arrays: the usual formats through it)
+    NpyRows          a .npy written row by row, by several ranks at once: caches larger than memory
     append_jsonl     a row at the end of a log; truncate_log cuts a log back to a checkpoint's step
     save_checkpoint  a checkpoint, atomically; load_checkpoint reads it back, or says in one line
                      what the file is instead
@@ -24,6 +25,7 @@ line that names it and the fix. It imports nothing of the project, so any file c
 """
 import errno
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -207,6 +209,55 @@ def write_arrays(path: str, arrays, shared: bool = False) -> None:
             else:
                 np.save(f, arrays)
     atomic_write(path, write, shared)
+
+
+class NpyRows:
+    """
+    `with NpyRows(path, shape, dtype, header) as f: f.write(row, rows)`: a .npy file of a known shape
+    filled row by row, never held whole in memory, by one process or by several at once (the ranks,
+    each writing its own rows; the one with header=True writes np.save's header and the full length).
+    The file is byte for byte what np.save writes of the same array. Written by position, not through
+    a memory map: on a filesystem several machines share (NFS), a map writes back whole 4 kB pages,
+    and the page two ranks' rows share would keep only one rank's. Closing flushes it to the disk.
+    """
+
+    def __init__(self, path: str, shape: tuple, dtype, header: bool):
+        self.path, self.dtype = path, np.dtype(dtype)
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                    "fortran_order": False, "shape": tuple(shape)})
+        self.start, self.row_bytes = len(head.getvalue()), self.dtype.itemsize * int(np.prod(shape[1:]))
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated: other ranks may be writing
+        if header:
+            self._put(head.getvalue(), 0)
+            os.ftruncate(self.fd, self.start + self.row_bytes * shape[0])  # its full length, rows still zero
+
+    def write(self, row: int, rows) -> None:
+        """Rows row, row + 1, ... of the array from `rows` (an array of the file's dtype and row shape)."""
+        self._put(np.ascontiguousarray(rows, self.dtype).tobytes(), self.start + row * self.row_bytes)
+
+    def _put(self, data: bytes, at: int) -> None:
+        view = memoryview(data)
+        try:
+            while view:  # pwrite may write less than asked (a signal); the rest goes in the next call
+                n = os.pwrite(self.fd, view, at)
+                view, at = view[n:], at + n
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left on the device to write {self.path}; free some space or point "
+                               f"the cache elsewhere") from None
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                os.fsync(self.fd)  # this process's rows are on the disk before it says they are done
+        finally:
+            os.close(self.fd)
+        return False
 
 
 def save_checkpoint(state: dict, path: str) -> None:

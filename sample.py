@@ -15,17 +15,17 @@ or, for the built-in shapes, captions of freshly generated scenes that no run tr
 """
 import argparse
 import os
+import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data import ShapesDataset, class_labels, prompt_adherence, read_jsonl
-from devices import autocast, distributed
+from devices import Handoff, autocast, check_shared, distributed, share
 from dit import DiT, Diffusion, generate
-from files import (MissingFile, UserError, check_output, check_ranges, file_digest, flag_error, flag_text,
-                   load_checkpoint, run_main, write_arrays)
+from files import (MissingFile, UserError, atomic_write, check_output, check_ranges, file_digest, flag_error,
+                   flag_text, load_checkpoint, run_main, write_arrays)
 from pixels import save_grid, to_uint8
 from textok import TexTok, TextEncoder, pretrained_folder
 
@@ -188,16 +188,26 @@ def plan_rows(args, meta, t2i, tok_text):
 
 
 def write_npz(path, parts, every, t2i):
-    """The ADM-style .npz eval_fid.py reads: arr_0, uint8 (K, H, W, 3), rank r's images at rows
-    r, r + world, ... (how the conditions were dealt), plus the prompts (what eval_fid.py's CLIP
-    score compares against) or labels, one per image."""
-    world = len(parts)
-    arr = np.empty((len(every), *parts[0].shape[1:]), np.uint8)
-    for r, part in enumerate(parts):
-        arr[r::world] = part
+    """The ADM-style .npz eval_fid.py reads: arr_0, uint8 (K, H, W, 3), the image arrays `parts` one
+    after another (one per rank, memory-mapped files), plus the prompts (what eval_fid.py's CLIP score
+    compares against) or labels, one per image. Written as np.savez writes one (a zip of .npy files),
+    but arr_0 a few images at a time (50,000 at 256 px are 9.8 GB), and atomically: a killed run never
+    leaves half a file."""
+    shape = (sum(len(part) for part in parts), *parts[0].shape[1:])
     extra = {"prompts": np.array([c[1] for c in every])} if t2i else {"labels": np.array([c[0] for c in every])}
-    write_arrays(path, {"arr_0": arr, **extra})
-    print(f"wrote {arr.shape[0]} images {arr.shape[1:]} uint8 to {path}")
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as z:  # stored, not compressed: np.savez's zip
+            with z.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for part in parts:
+                    for i in range(0, len(part), 256):
+                        f.write(np.ascontiguousarray(part[i:i + 256]).tobytes())
+            for name, arr in extra.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, arr)
+    atomic_write(path, write)
+    print(f"wrote {shape[0]} images {shape[1:]} uint8 to {path}")
 
 
 def main(argv=None):
@@ -226,12 +236,14 @@ def main(argv=None):
                     out.append((labels[row], prompts[row], cap))
             return out
 
-        def draw(items, seed):
-            """Images for a list of conditions, in batches -> uint8 (n, H, W, 3). Batch i's noise
-            comes from (seed, i), so a sample does not depend on what else is drawn."""
+        def draw(items, seed, start=0):
+            """Images for a list of conditions, in batches -> uint8 (n, H, W, 3). The batch at row i of
+            all the rows drawn (items begin at row `start`) takes its noise from (seed, i): a sample does
+            not depend on what else is drawn, nor on which rank draws it."""
             images = []
-            for i in tqdm(range(0, len(items), args.batch_size), desc="sampling", disable=rank != 0, unit="batch"):
-                chunk = items[i:i + args.batch_size]
+            for i in tqdm(range(start, start + len(items), args.batch_size), desc="sampling", disable=rank != 0,
+                          unit="batch"):
+                chunk = items[i - start:i - start + args.batch_size]
                 y = torch.tensor([c[0] for c in chunk], device=device) if not t2i else None  # (b,)
                 text = mask = dec = dec_mask = None
                 if t2i:
@@ -242,23 +254,37 @@ def main(argv=None):
                 x = generate(dit, tok, meta, y, text, mask, dec, dec_mask, args.cfg_scale, args.steps, args.sampler,
                              args.eta, g, device, amp)  # (b, 3, H, W)
                 images.append(to_uint8(x))
-            # A rank dealt no conditions (more ranks than samples) still hands all_gather an array.
+            # A rank dealt no conditions (more ranks than batches) still writes its part, empty.
             size = tok.cfg.image_size
             return np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
 
         out_dir = os.path.dirname(os.path.abspath(args.dit.rstrip("/")))  # next to the checkpoint or folder
         if args.num_samples > 0:
-            # ---- an .npz of K images for eval_fid.py, the conditions dealt round-robin to the ranks ----
+            # ---- an .npz of K images for eval_fid.py, each rank drawing a run of whole batches ----
             # ADM's format (arr_0, uint8 NHWC), so the ADM suite and eval_fid.py read the same file; FID is
             # only comparable at one count (the paper: 50,000).
             every = conditions(-(-args.num_samples // len(labels)))[:args.num_samples]  # cycles through the rows evenly
-            mine = draw(every[rank::world], args.seed * 1000 + rank)
-            parts = [mine]
-            if dist.is_initialized():
-                parts = [None] * world
-                dist.all_gather_object(parts, mine)
-            if rank == 0:
-                write_npz(args.out or os.path.join(out_dir, f"samples-{args.num_samples}.npz"), parts, every, t2i)
+            path = args.out or os.path.join(out_dir, f"samples-{args.num_samples}.npz")
+            rows = share(len(every), args.batch_size, rank, world)  # the batches one process draws: the same file
+            check_shared(rank, {"--out": os.path.dirname(os.path.abspath(path))})  # rank 0 reads every rank's part
+            hand = Handoff(path, rank, world, "sampling")  # made here, where the ranks are together (a broadcast)
+            with hand:
+                images = draw(every[rows.start:rows.stop], args.seed * 1000, rows.start)  # (n, H, W, 3) uint8
+                if world == 1:
+                    write_npz(path, [images], every, t2i)
+                else:
+                    # Each rank's images go to a file of its own, never over the process group (all of them
+                    # to every rank would be 9.8 GB each at 50,000 x 256 px); rank 0 joins them in order.
+                    parts = [f"{path}.part-{r}-of-{world}.npy" for r in range(world)]
+                    write_arrays(parts[rank], images)
+                    if rank == 0:
+                        del images
+                        hand.gather()
+                        write_npz(path, [np.load(p, mmap_mode="r") for p in parts], every, t2i)
+                        for p in parts:
+                            os.remove(p)
+                    else:
+                        hand.send()
         elif rank == 0:
             # ---- a PNG grid: one row per prompt / class, listed in a .txt beside it ----
             items = conditions(args.per_row)
@@ -273,8 +299,6 @@ def main(argv=None):
                 if score == score:  # not NaN: some prompts are built-in captions
                     print(f"prompt adherence {score:.3f} (named background right, each named object's colour in its "
                           f"cell; real images score about 0.99)")
-        if dist.is_initialized():
-            dist.barrier()  # rank 0 has written its file before any rank leaves
 
 
 if __name__ == "__main__":

@@ -40,12 +40,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adherence, spread_sample
-from devices import autocast, computed_once, distributed, mean_across_ranks
+from devices import autocast, check_shared, computed_once, distributed, mean_across_ranks, share, temporary
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
-from files import (MissingFile, UserError, append_jsonl, atomic_write, check_output, check_ranges, check_resume,
-                   claim_out, file_digest, flag_error, flag_text, json_digest, lock_out, read_checkpoint, run_main,
-                   save_checkpoint, write_arrays, write_json)
+from files import (MissingFile, NpyRows, UserError, append_jsonl, check_output, check_ranges, check_resume, claim_out,
+                   file_digest, flag_error, flag_text, json_digest, lock_out, read_checkpoint, run_main,
+                   save_checkpoint, write_json)
 from pixels import plot_log, psnr, save_grid, ssim, to_uint8
 from textok import (CONDS, INITS, LPIPS, TEXT_IN, TEXT_MODES, Discriminator, LeCAM, TexTok, TexTok_models,
                     TextEncoder, d_loss, g_loss, kl_loss, l2_loss, make_config)
@@ -223,20 +223,32 @@ def build_data(args, image_size, master):
     return train_set, val_set, hflip
 
 
-def text_cache(run, captions, encoder_name, text_len):
+def text_cache(run, captions, encoder_name, text_len, batch_size=64):
     """Caption embeddings by the frozen text encoder (§3.2), computed once (house rule 8): fp16
-    .npy, memory-mapped (a dataset larger than RAM works), keyed by encoder, length and captions."""
+    .npy, memory-mapped (a dataset larger than RAM works), keyed by encoder, length and captions.
+    Each rank embeds its share of the captions and writes it batch by batch: none holds the cache."""
     key = json_digest([encoder_name, text_len, captions])[:16]
     emb_path, mask_path = (os.path.join(run.args.cache_dir, f"text-{key}-{s}.npy") for s in ("emb", "mask"))
 
-    def compute():
+    def compute(tag):
         # fp16 halves the cache (T5-XL on ImageNet: 1.28M x 128 x 2048 values, 670 GB in fp16), hence the
-        # memory map; fetch_text casts each batch to fp32. The mask goes last: it is the file computed_once
-        # checks, so a cache cut off mid-write is computed again, never read half-written.
-        emb, mask = TextEncoder(encoder_name, text_len, run.device).encode_all(captions)  # (n, Nt, Dt) fp16, (n, Nt)
-        for path, arr in ((emb_path, emb.numpy()), (mask_path, mask.numpy())):
-            write_arrays(path, arr, shared=True)  # two runs may be filling one cache
-    computed_once(run.rank, mask_path, compute)
+        # writing batch by batch and the memory map; fetch_text casts each batch to fp32.
+        encoder = TextEncoder(encoder_name, text_len, run.device)
+        rows, n = share(len(captions), batch_size, run.rank, run.world), len(captions)
+        with NpyRows(temporary(emb_path, tag), (n, text_len, encoder.dim), np.float16, run.master) as emb, \
+                NpyRows(temporary(mask_path, tag), (n, text_len), np.bool_, run.master) as mask:
+            row = rows.start
+            for e, m in encoder.encode_all(captions[rows.start:rows.stop], batch_size, progress=run.master):
+                emb.write(row, e.numpy())  # (b, Nt, Dt) fp16
+                mask.write(row, m.numpy())  # (b, Nt)
+                row += len(e)
+
+    def finish(tag, _):
+        # The mask goes last: it is the file computed_once checks, so a cache cut off mid-write is computed
+        # again, never read half-written. Temporary names are this run's: two runs may be filling one cache.
+        for path in (emb_path, mask_path):
+            os.replace(temporary(path, tag), path)
+    computed_once(run.rank, run.world, mask_path, compute, finish)
     return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
 
 
@@ -250,34 +262,38 @@ def caption_caches(run, train_set, val_set, encoder_name, text_len):
 @torch.no_grad()
 def latent_cache(run, tok, dataset, text, key_parts, batch_size=64):
     """The training set encoded once by the frozen tokenizer (posterior means, each image with its
-    caption): fp32 (images, N, d), memory-mapped, and the per-channel mean and std of the latents."""
+    caption): fp32 (images, N, d), memory-mapped, and the per-channel mean and std of the latents.
+    Each rank encodes its share of the images."""
     # Posterior means: DiT's own loop samples its VAE's posterior afresh each step, but a cache written
     # once would freeze a single draw of that noise, so the deterministic mean is stored instead.
     key = json_digest(key_parts)[:16]
     path, stats_path = (os.path.join(run.args.cache_dir, f"latents-{key}{s}") for s in (".npy", "-stats.json"))
     N, d = tok.cfg.num_tokens, tok.cfg.token_dim
-    s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)  # sums of z and z^2
 
-    def encode_into(tmp):
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), N, d))
-        for x, idx, lab in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=2),
-                                desc="encoding latents", unit="batch"):
-            t, m = fetch_text(text, idx, run.device)
-            with run.autocast:
-                z = tok.encode(x.to(run.device), t, m, lab.to(run.device)).float().cpu()  # (b, N, d)
-            out[idx.numpy()] = z.numpy()
-            s1.add_(z.double().sum((0, 1)))
-            s2.add_(z.double().pow(2).sum((0, 1)))
-        out.flush()
+    def compute(tag):
+        rows = share(len(dataset), batch_size, run.rank, run.world)
+        s1, s2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)  # sums of z and z^2
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=batch_size,
+                                             num_workers=2)
+        with NpyRows(temporary(path, tag), (len(dataset), N, d), np.float32, run.master) as out:
+            for x, idx, lab in tqdm(loader, desc="encoding latents", unit="batch", disable=not run.master):
+                t, m = fetch_text(text, idx, run.device)
+                with run.autocast:
+                    z = tok.encode(x.to(run.device), t, m, lab.to(run.device)).float().cpu()  # (b, N, d)
+                out.write(int(idx[0]), z.numpy())  # rows idx[0], idx[0] + 1, ...: the loader keeps their order
+                s1.add_(z.double().sum((0, 1)))
+                s2.add_(z.double().pow(2).sum((0, 1)))
+        return {"s1": s1.tolist(), "s2": s2.tolist()}  # float64 survives JSON exactly
 
-    def compute():
-        atomic_write(path, encode_into, shared=True)
+    def finish(tag, sums):
+        os.replace(temporary(path, tag), path)
+        s1, s2 = (torch.tensor([r[k] for r in sums], dtype=torch.float64).sum(0) for k in ("s1", "s2"))  # (d,)
         # The DiT sees latents scaled to unit variance per channel, the scale DDPM's noise schedule
         # assumes: what LDM's and DiT's constant 0.18215 does for SD-VAE latents, measured here.
         mean = s1 / (len(dataset) * N)
         std = (s2 / (len(dataset) * N) - mean ** 2).clamp_min(1e-12).sqrt()  # (d,): E[z^2] - E[z]^2, never 0
         write_json(stats_path, {"mean": mean.tolist(), "std": std.tolist(), "images": len(dataset)})  # last
-    computed_once(run.rank, stats_path, compute)
+    computed_once(run.rank, run.world, stats_path, compute, finish)
     with open(stats_path) as f:
         return np.load(path, mmap_mode="r"), json.load(f)
 
@@ -923,6 +939,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # house rule 6
         run = Run(args, rank, world, device)
         os.makedirs(args.out, exist_ok=True)
+        check_shared(rank, {"--out": args.out, "--cache-dir": args.cache_dir})  # rank 0 writes there, all read
         # One run per --out at a time (the lock), then the checks that need no work, before any.
         with lock_out(args.out) if run.master else contextlib.nullcontext():
             claim_out(args, run.master)
