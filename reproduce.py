@@ -731,8 +731,8 @@ def generation_markdown(summary, recon, args, minutes):
                   f"DDIM {GEN_SAMPLING['sample_steps']} steps, guidance {GEN_SAMPLING['cfg_scale']}; gFID against "
                   f"the held-out images at this count (not comparable with 50k-sample numbers). T2I samples take "
                   f"the held-out captions as prompts; class samples, an unseen caption of their class for the "
-                  f"detokenizer. Seconds per image: prompt to pixels, batch 64, one thread each, with the other "
-                  f"job running beside it; the 2D grid is bench.py's same-size DiT on SD-VAE-shaped latents "
+                  f"detokenizer. Seconds per image: prompt to pixels, batch 64, "
+                  f"{max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) per run, {args.jobs} run(s) at a time; the 2D grid is bench.py's same-size DiT on SD-VAE-shaped latents "
                   f"({(args.image_size // 16) ** 2} tokens at this image size), timed in the same process. {hw}: "
                   f"{minutes:.0f} minutes in train.py --stage dit, summed over the runs."]
     return "\n".join(lines) + "\n"
