@@ -2,12 +2,15 @@
 Where a script runs: one code path for a CPU, one GPU and many GPUs or nodes (house rule 5).
 Under torchrun (which sets RANK and WORLD_SIZE) a script joins the process group and runs as one
 rank of many; started plainly, it is rank 0 of 1, and nothing here touches torch.distributed.
-It imports only files.py's errors of the project, so train.py, sample.py and caption.py all stand on it.
+It imports only files.py (for its one-line errors), so train.py, sample.py and caption.py all
+stand on it.
 
     distributed         context manager: -> (rank, world, device); the process group is left
                         however the script ends, so a rank that fails never hangs the others
     mean_across_ranks   a tensor averaged over the ranks (in place), as it is in one process
-    autocast            the precision context: bf16 autocast on CUDA, plain fp32 on the CPU
+    hardware_defaults   what --precision and --compile mean when left out, decided for the device:
+                        bf16 and torch.compile only where they work
+    autocast            the precision context: bf16 autocast on a GPU that has bf16, else plain fp32
     computed_once       every rank fills its share of a cache, rank 0 completes it, the others
                         wait for it (not in a collective: it can take hours) and then read it
     Handoff             ranks telling each other through files that their share is done, or failed
@@ -16,6 +19,7 @@ It imports only files.py's errors of the project, so train.py, sample.py and cap
     check_shared        that every rank sees the folders rank 0 writes (several machines)
 """
 import glob
+import importlib.util
 import json
 import os
 import time
@@ -55,14 +59,47 @@ def mean_across_ranks(t):
     return t
 
 
+def hardware_defaults(device, precision=None, compile=None):
+    """
+    -> (precision, compile, notice): --precision and --compile as given, or where left out (None)
+    what this device runs well, and a one-line notice of what was turned off and why (else None).
+    bf16 autocast by default on CUDA from compute capability 8.0 (A100, RTX 30xx and newer); older
+    GPUs (V100, T4, RTX 20xx) have no bf16 tensor cores and Triton's kernels crash on it there,
+    so they get fp32. torch.compile by default on CUDA only when Triton, its GPU compiler, is
+    installed (not on Windows) and supports the card (compute capability 7.0 or more). On the
+    CPU: fp32, not compiled, unless asked for. A flag the GPU cannot honour is a UserError.
+    """
+    if device.type != "cuda":
+        return precision or "fp32", bool(compile), None
+    cap, name = torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device)
+    card = f"{name} (compute capability {cap[0]}.{cap[1]})"
+    has_bf16 = cap >= (8, 0)
+    has_triton = importlib.util.find_spec("triton") is not None and cap >= (7, 0)
+    if precision == "bf16" and not has_bf16:
+        raise UserError(f"--precision bf16: {card} has no bf16 (it needs compute capability 8.0 or more); "
+                        f"pass --precision fp32, or leave it out")
+    if compile and not has_triton:
+        why = "Triton supports compute capability 7.0 or more" if cap < (7, 0) else "pip install triton (Linux)"
+        raise UserError(f"--compile: torch.compile on {card} needs Triton ({why}); drop --compile")
+    notice = []
+    if precision is None and not has_bf16:
+        notice.append(f"{card} has no bf16: training in fp32")
+    if compile is None and not has_triton:
+        notice.append(f"torch.compile is off: {card} " + ("is older than Triton supports (7.0)" if cap < (7, 0)
+                                                           else "has no Triton here (pip install triton, Linux only)"))
+    return (precision or ("bf16" if has_bf16 else "fp32"), has_triton if compile is None else compile,
+            "; ".join(notice) or None)
+
+
 def autocast(device, precision=None):
     """
-    The context the networks run under (house rule 6). bf16 by default on CUDA: its exponent
-    range is fp32's, so unlike fp16 it needs no GradScaler; weights, optimizer state and loss
-    terms stay fp32. Plain fp32 by default on the CPU, where bf16 is slower. precision="bf16" on
-    the CPU runs the GPU's mixed-precision code path (the tests use it to catch dtype mistakes).
+    The context the networks run under (house rule 6). bf16 by default on a GPU that has it
+    (hardware_defaults): its exponent range is fp32's, so unlike fp16 it needs no GradScaler;
+    weights, optimizer state and loss terms stay fp32. Plain fp32 by default on the CPU, where
+    bf16 is slower, and on GPUs without bf16. precision="bf16" on the CPU runs the GPU's
+    mixed-precision code path (the tests use it to catch dtype mistakes).
     """
-    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = precision or hardware_defaults(device)[0]
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 

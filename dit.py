@@ -356,7 +356,11 @@ class Diffusion:
 
     def q_sample(self, x0, t, noise):
         """x_t given x_0 (B, N, d), integer t (B,) and eps (B, N, d)."""
-        abar = self.abar.to(x0.device)[t].float()[:, None, None]  # (B, 1, 1)
+        # The table moves to the device once: copied from pageable memory every step, it would make the
+        # host wait for the GPU to finish its queued work each time.
+        if self.abar.device != x0.device:
+            self.abar = self.abar.to(x0.device)
+        abar = self.abar[t].float()[:, None, None]  # (B, 1, 1)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def loss(self, model, x0, t=None, noise=None, **cond):

@@ -256,6 +256,9 @@ def run_one(run, args, threads):
     import train
     # Each run takes its share of the cores (main: cores // --jobs); torch would otherwise take them all.
     torch.set_num_threads(threads)
+    # Runs in one process (--jobs 1, a GPU) each compile their own networks: after 8 of them torch.compile
+    # would reach its recompile limit and quietly run the rest uncompiled, so their times would not compare.
+    torch._dynamo.reset()
     folder = os.path.join(args.out, run["name"])
     os.makedirs(folder, exist_ok=True)
     # train.py's output goes to the run's own log: --jobs runs at once would interleave their progress bars.
