@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dit
 import textok
-from devices import autocast
+from devices import autocast, hardware_defaults
 from dit import DiT, Diffusion, guided, make_dit_config
 from files import write_json
 from textok import LPIPS, Blur, Discriminator, TexTok, d_loss, g_loss, make_config
@@ -383,11 +383,17 @@ def bench_text_cost(args, device, autocast):
             "s_per_img_cached": a / B, "s_per_img_uncached": b / B, "text_encoder_s_per_img": (b - a) / B}
 
 
-def bench_loader(args):
-    """Images/s through train.py's loader (a map-style dataset, shuffled by ShardedSampler, decoded and
-    center-cropped to --image-size in --loader-workers processes) for the same JPEGs as a folder, as
-    webdataset shards and as Parquet in row groups of 100 (the hub's). Files are freshly written, so
-    they are in the page cache: this is reading and decoding, not the disk."""
+def bench_loader(args, step_img_per_s):
+    """
+    Images/s through train.py's loader (data.make_loader: a map-style dataset shuffled by
+    ShardedSampler, each batch's caption rows read from a memory-mapped cache of --text-len x
+    --text-dim fp16 rows, in --loader-workers processes) for the built-in set drawn per item and
+    drawn once (train.py draws it once into --cache-dir), and for the same JPEGs as a folder, as
+    webdataset shards and as Parquet in row groups of 100 (the hub's), decoded and center-cropped to
+    --image-size. Each rate stands beside the training step's (`step_img_per_s`, bench_tokenizer's):
+    the lower of the two bounds training. Files are freshly written, so they are in the page cache:
+    this is reading and decoding, not the disk. Timed from the first batch (the workers started).
+    """
     import io
     import json
     import os
@@ -397,7 +403,7 @@ def bench_loader(args):
     import numpy as np
     from PIL import Image
 
-    from data import ShardedSampler, load_splits
+    from data import ShapesDataset, ShardedSampler, load_splits, make_loader
     n, side = args.loader_images, args.loader_source_size
     rng = np.random.default_rng(0)
     results = []
@@ -434,18 +440,27 @@ def bench_loader(args):
             sources["parquet"] = (os.path.join(tmp, "d.parquet"), None)
         except ImportError:
             print("Parquet skipped: pip install pyarrow")
+        # A caption cache as train.py's: fp16 rows, memory-mapped, captions of 10 to 40 tokens (trimmed per batch).
+        shape = (n, args.text_len, args.text_dim)
+        text = (np.lib.format.open_memmap(os.path.join(tmp, "emb.npy"), "w+", np.float16, shape),  # (n, Lt, Dt)
+                np.arange(args.text_len)[None] < rng.integers(10, 41, (n, 1)))  # (n, Lt)
+        datasets = {"builtin, drawn per item": ShapesDataset(n, args.image_size),
+                    "builtin, drawn once": ShapesDataset(n, args.image_size, cache_dir=os.path.join(tmp, "cache"))}
         for name, (data, captions) in sources.items():
-            dataset, _ = load_splits(data, captions, args.image_size, val_images=1, progress=False)
+            datasets[name] = load_splits(data, captions, args.image_size, val_images=1, progress=False)[0]
+        for name, dataset in datasets.items():
             sampler = ShardedSampler(len(dataset), args.batch_size)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                                                 drop_last=True, num_workers=args.loader_workers)
+            loader = iter(make_loader(dataset, args.batch_size, sampler, args.loader_workers, text=text, trim=True))
+            next(loader)  # the workers have started
             t0, seen = time.perf_counter(), 0
-            for x, _, _ in loader:
+            for x, *_ in loader:
                 seen += len(x)
-            sec = time.perf_counter() - t0
-            results.append({"bench": "loader", "format": name, "images": seen, "source_px": side,
-                            "image_size": args.image_size, "workers": args.loader_workers,
-                            "kb_per_image": sum(map(len, jpegs)) / n / 1e3, "img_per_s": seen / sec})
+            rate = seen / (time.perf_counter() - t0)
+            results.append({"bench": "loader", "format": name, "images": seen, "image_size": args.image_size,
+                            "workers": args.loader_workers, "img_per_s": rate, "step_img_per_s": step_img_per_s,
+                            "bound_by": "loader" if rate < step_img_per_s else "step",
+                            **({} if name.startswith("builtin") else
+                               {"source_px": side, "kb_per_image": sum(map(len, jpegs)) / n / 1e3})})
     return results
 
 
@@ -606,7 +621,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA and Triton")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak (for MFU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -615,7 +630,8 @@ def get_args(argv=None):
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader worker processes (train.py --num-workers)")
     p.add_argument("--only", nargs="+", default=None,
                    choices=["tokenizer", "dit", "generation", "text", "loader", "memory"],
-                   help="default: all but loader and memory (memory: run it with --text-len 128 --text-dim 2048)")
+                   help="default: all but loader and memory (loader times the tokenizer step too, to set "
+                        "the two side by side; memory: run it with --text-len 128 --text-dim 2048)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -625,10 +641,12 @@ def main(argv=None):
     and, with --json, the results beside the device and the flags."""
     args = get_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Timed as train.py and sample.py run: compiled, tf32 matmuls and bf16 autocast on CUDA.
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    # Timed as train.py and sample.py run: tf32 matmuls; compiled and under bf16 autocast where the GPU runs them.
+    precision, args.compile, notice = hardware_defaults(device, None, args.compile)
+    if notice:
+        print(f"note: {notice}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = autocast(device)
+    amp = autocast(device, precision)
     peak = peak_flops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name} | peak bf16 {peak / 1e12:.0f} TFLOP/s" if peak else f"device: {name} | MFU not reported (no peak)")
@@ -642,8 +660,12 @@ def main(argv=None):
         results.append(bench_generation(args, device, amp))
     if "text" in only:
         results.append(bench_text_cost(args, device, amp))
-    if "loader" in only:
-        results += bench_loader(args)  # one result per data format
+    if "loader" in only:  # one result per data format, beside the step's rate: the slower of the two bounds training
+        step = next((r for r in results if r["bench"] == "tokenizer train step"), None)
+        if step is None:
+            step = bench_tokenizer(args, device, amp, peak)
+            results.append(step)
+        results += bench_loader(args, step["img_per_s"])
     if "memory" in only:
         results += bench_memory(args)  # counted on the CPU whatever the device: the bytes are the same
     for r in results:

@@ -20,6 +20,8 @@ over them once (train.py caches the embeddings) and never per step.
     prompt_adherence    does an image show what its built-in caption says (colours by cell):
                         the built-in shapes' text-to-image score
     fetch_text          rows of train.py's caption-embedding cache as a batch's (text, mask)
+    make_loader         train.py's training loader: the caption rows read with the images, in
+                        workers that persist across epochs, pinned for the copy to the GPU
     LatentSet           train.py's cache of DiT latents, batched as an image dataset is
     write_shards        any real dataset as resized shards (python data.py shards --data ... --out ...)
 """
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from files import MissingFile, UserError, first_line
+from files import MissingFile, UserError, atomic_write, file_digest, first_line, json_digest
 
 #################################################################################
 #                          The built-in captioned dataset                       #
@@ -198,27 +200,73 @@ def prompt_adherence(images, captions, min_share=0.03):
     return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan"), scores
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+def to_tensor(img) -> torch.Tensor:
+    """PIL RGB, or its (H, W, 3) uint8 array -> (3, H, W) float in [-1, 1]."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """The built-in captioned dataset; image i is a pure function of (seed, i)."""
+    """The built-in captioned dataset; image i is a pure function of (seed, i). Drawn per item, or,
+    with a cache_dir (train.py's --cache-dir), drawn once into a memory-mapped uint8 array there
+    and read back: at about a millisecond an image a GPU would otherwise wait for the drawing."""
 
-    def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0):
+    def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0, cache_dir: str = None):
         self.num_images, self.image_size, self.seed = num_images, image_size, seed
         self.scenes = [make_scene(i, seed) for i in range(num_images)]
         self.captions = [caption_of(s) for s in self.scenes]
         # A class label, for the class-conditional paths (DiT, the class-embedding ablation):
         # the shape of the first object, as ImageNet's class is the main object (6 classes).
         self.labels = [SHAPES.index(s["objects"][0]["shape"]) for s in self.scenes]
+        self.pixels = None if cache_dir is None else MappedArray(self.draw_once(cache_dir))
+
+    def draw_once(self, cache_dir):
+        """The path of every image drawn, (n, H, W, 3) uint8 .npy, drawn now unless a run drew it before.
+        Keyed by the set's size, resolution and seed and by this file's bytes: a change to the drawing
+        code draws again rather than read pictures it would no longer draw."""
+        from tqdm import tqdm
+        key = json_digest([self.num_images, self.image_size, self.seed, file_digest(__file__)])[:16]
+        path = os.path.join(cache_dir, f"shapes-{key}.npy")
+        if os.path.isfile(path):
+            return path
+
+        def draw_into(tmp):
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                            shape=(self.num_images, self.image_size, self.image_size, 3))
+            for i, scene in enumerate(tqdm(self.scenes, desc="drawing the built-in set", unit="img", leave=False)):
+                out[i] = np.asarray(render(scene, self.image_size))
+            out.flush()
+        atomic_write(path, draw_into, shared=True)  # two runs may draw it at once: each writes its own file
+        return path
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, i):
-        return to_tensor(render(self.scenes[i], self.image_size)), i, self.labels[i]
+        # Drawn once: the uint8 pixels render() gives, hence the same tensor as drawing it now.
+        image = self.pixels[i] if self.pixels is not None else render(self.scenes[i], self.image_size)
+        return to_tensor(image), i, self.labels[i]
+
+
+class MappedArray:
+    """A .npy file, memory-mapped on first use in each process and indexed as the array. It pickles
+    as its path: a DataLoader worker that is spawned, not forked (macOS, Windows), maps the file
+    itself, where a pickled np.memmap would arrive as a copy of the whole array."""
+
+    def __init__(self, path, array=None):
+        self.path, self._array = path, array
+
+    @classmethod
+    def of(cls, a):
+        """`a` as a MappedArray when it is a memory map (np.load(..., mmap_mode="r")), else `a`."""
+        return cls(a.filename, a) if isinstance(a, np.memmap) else a
+
+    def __getitem__(self, i):
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array[i]
+
+    def __getstate__(self):
+        return {"path": self.path, "_array": None}
 
 
 #################################################################################
@@ -420,6 +468,38 @@ def read_captions(path: str, root: str):
     return {f: v for f, v in records.items() if f not in problems}, problems  # a bad line for it drops it
 
 
+def file_stats(paths):
+    """[size, modification time in ns] of each file (None for one that is gone): what says that a file
+    was replaced, as the caches' keys use it."""
+    return [[st.st_size, st.st_mtime_ns] if st else None
+            for st in (os.stat(p) if os.path.exists(p) else None for p in paths)]
+
+
+def checked_once(cache_dir, key, check, progress):
+    """
+    The decode check of a dataset's images (check() -> {item: one-line problem}), run once: recorded
+    in cache_dir under `key` (the files, their sizes and modification times, what is checked), so a
+    second start, and under torchrun every rank after the first (train.build_data), reads the record
+    instead of decoding every image again. An image replaced or touched since changes the key.
+    """
+    if cache_dir is None:
+        return check()
+    path = os.path.join(cache_dir, f"checked-{json_digest(key)[:16]}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            found = json.load(f)
+        if progress:
+            print(f"images decoded and checked by an earlier run ({path}): not decoded again")
+        return found
+    found = check()
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(found, f)
+    atomic_write(path, write, shared=True)  # two runs may check the same data at once
+    return found
+
+
 def skip_or_refuse(problems: dict, skip_bad: bool, progress: bool) -> int:
     """What a dataset does with its bad items ({key: one-line problem}): refuse them, naming the first
     and the count, or with --skip-bad skip them and say so; -> how many were skipped."""
@@ -440,11 +520,11 @@ class CaptionedImages(torch.utils.data.Dataset):
     the label is the class folder's index in sorted order. Bad input (an unreadable image or
     caption line, an image without a caption or with two, a null or empty caption, a caption for
     a missing file) is an error naming the file, or, with skip_bad=True, skipped and counted,
-    each image once.
+    each image once. With a cache_dir the decode check is recorded there (checked_once).
     """
 
     def __init__(self, root: str, captions_file: str, image_size: int = 256, skip_bad: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, cache_dir: str = None):
         from tqdm import tqdm
         self.root, self.image_size = root, image_size
         if not os.path.isdir(root):
@@ -466,16 +546,20 @@ class CaptionedImages(torch.utils.data.Dataset):
             if f not in on_disk_set:
                 problems[f] = f"{os.path.join(root, f)}: captioned in {captions_file} but not found"
         files = [f for f in on_disk if f in records]
-        good = []
-        # Every image is decoded once, as training decodes it (threads: PIL decodes without the GIL).
-        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-            checked = pool.map(lambda f: image_problem(os.path.join(root, f), image_size), files)
-            for f, problem in zip(files, tqdm(checked, total=len(files), desc="checking images",
-                                              disable=not progress, unit="img")):
-                if problem:
-                    problems[f] = problem
-                else:
-                    good.append(f)
+
+        def check():  # every image decoded once, as training decodes it (threads: PIL decodes without the GIL)
+            found = {}
+            with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+                checked = pool.map(lambda f: image_problem(os.path.join(root, f), image_size), files)
+                for f, problem in zip(files, tqdm(checked, total=len(files), desc="checking images",
+                                                  disable=not progress, unit="img")):
+                    if problem:
+                        found[f] = problem
+            return found
+        key = ["folder", os.path.abspath(root), image_size, files, file_stats([os.path.join(root, f) for f in files])]
+        bad = checked_once(cache_dir, key, check, progress)
+        problems.update(bad)
+        good = [f for f in files if f not in bad]
         self.skipped = skip_or_refuse(problems, skip_bad, progress)
         if not good:
             raise UserError(f"no usable captioned images under {root} with {captions_file}")
@@ -530,18 +614,20 @@ def spread_sample(dataset, n: int):
 
 def load_splits(data: str = "builtin", captions: str = None, image_size: int = 32, seed: int = 0,
                 num_images: int = 4096, val_images: int = 256, skip_bad: bool = False, progress: bool = True,
-                caption_key: str = None, image_key: str = None):
+                caption_key: str = None, image_key: str = None, cache_dir: str = None):
     """
     (training set, held-out set), as train.py trains and evaluates on them and eval_fid.py scores
     them, so that a reported reconstruction metric is always on images the tokenizer never saw.
     Built-in: `num_images` scenes of `seed` for training and `val_images` scenes of seed + 1 (a
     disjoint draw) held out. A folder: a seeded shuffle holds out `val_images` images, at most a
     tenth of the folder, and at least one. Shards and Parquet (open_dataset) are split the same way,
-    so the same images in the same order hold out the same ones in every format.
+    so the same images in the same order hold out the same ones in every format. A cache_dir (train.py's
+    --cache-dir) keeps work a second start need not redo: the built-in images drawn, a real set's check.
     """
     if data == "builtin":
-        return ShapesDataset(num_images, image_size, seed=seed), ShapesDataset(val_images, image_size, seed=seed + 1)
-    full = open_dataset(data, captions, image_size, skip_bad, progress, caption_key, image_key)
+        return (ShapesDataset(num_images, image_size, seed, cache_dir),
+                ShapesDataset(val_images, image_size, seed + 1, cache_dir))
+    full = open_dataset(data, captions, image_size, skip_bad, progress, caption_key, image_key, cache_dir)
     if len(full) < 2:
         raise UserError(f"{data} has {len(full)} usable captioned image(s): training and a held-out "
                         f"evaluation need at least 2")
@@ -554,19 +640,51 @@ def load_splits(data: str = "builtin", captions: str = None, image_size: int = 3
 #                 Cached features, read as a training step reads them           #
 #################################################################################
 
+def text_rows(cache, idx, trim=False):
+    """Rows `idx` of a caption-embedding cache as stored, on the CPU -> (embeddings (B, Nt, Dt) fp16,
+    mask (B, Nt) bool). trim=True drops the padding past the longest caption: exact (padded keys are
+    masked out of attention), a third less compute; off under torch.compile, which recompiles per length."""
+    order = np.asarray(idx)
+    mask = np.asarray(cache[1][order])  # (B, Nt)
+    length = max(1, int(mask.sum(1).max())) if trim else mask.shape[1]
+    emb = np.ascontiguousarray(cache[0][order, :length])  # (B, length, Dt): the padding past it is never read
+    return torch.from_numpy(emb), torch.from_numpy(np.ascontiguousarray(mask[:, :length]))
+
+
 def fetch_text(cache, idx, device, trim=False):
-    """Rows `idx` of a cache -> (embeddings (B, Nt, Dt) float32, mask (B, Nt) bool), or (None, None)
-    without one. trim=True drops the padding past the longest caption: exact (padded keys are masked
-    out of attention), a third less compute; off under torch.compile, which recompiles per length."""
+    """text_rows on `device`, the embeddings as float32, or (None, None) without a cache: the caption
+    rows an evaluation reads (a training step gets its rows from the loader, WithText)."""
     if cache is None:
         return None, None
-    order = np.asarray(idx)
-    emb, mask = np.ascontiguousarray(cache[0][order]), np.ascontiguousarray(cache[1][order])  # (B, Nt, Dt), (B, Nt)
-    if trim:
-        length = max(1, int(mask.sum(1).max()))
-        emb, mask = emb[:, :length], mask[:, :length]
-    return (torch.from_numpy(emb).to(device, non_blocking=True).float(),
-            torch.from_numpy(mask).to(device, non_blocking=True))
+    emb, mask = text_rows(cache, idx, trim)
+    return emb.to(device, non_blocking=True).float(), mask.to(device, non_blocking=True)
+
+
+class WithText:
+    """
+    The training loader's collate: a batch of (image, index, label) items -> (images, indices,
+    labels, caption embeddings, mask), each item's caption rows read from the cache (text_rows),
+    (None, None) without one. It runs where the images are loaded, in the DataLoader's workers,
+    so a step does not wait while the main process reads the memory map.
+    """
+
+    def __init__(self, cache, trim=False):
+        self.cache = None if cache is None else [MappedArray.of(a) for a in cache]  # pickled as paths
+        self.trim = trim
+
+    def __call__(self, items):
+        x, idx, lab = torch.utils.data.default_collate(items)
+        text, mask = (None, None) if self.cache is None else text_rows(self.cache, idx.numpy(), self.trim)
+        return x, idx, lab, text, mask
+
+
+def make_loader(dataset, batch_size, sampler, workers, pin=False, text=None, trim=False):
+    """train.py's loader, which bench.py times: `dataset`'s batches in `sampler`'s order with their
+    caption rows (WithText), read by `workers` processes that persist across epochs (started once,
+    the dataset copied to them once), pinned (pin=True) so the copy to the GPU need not wait."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+                                       collate_fn=WithText(text, trim))
 
 
 class LatentSet(torch.utils.data.Dataset):
@@ -698,18 +816,19 @@ def data_format(data: str):
 
 
 def open_dataset(data: str, captions: str = None, image_size: int = 256, skip_bad: bool = False,
-                 progress: bool = True, caption_key: str = None, image_key: str = None):
-    """The whole real dataset behind --data, of any format (data_format): what load_splits splits."""
+                 progress: bool = True, caption_key: str = None, image_key: str = None, cache_dir: str = None):
+    """The whole real dataset behind --data, of any format (data_format): what load_splits splits. With a
+    cache_dir, its decode check is recorded there for the next start (checked_once)."""
     kind, paths = data_format(data)
     if kind == "folder":
         if not captions:
             raise UserError(f"--data {data} needs --captions FILE.jsonl (one {{\"file\", \"caption\"}} per line)")
-        return CaptionedImages(data, captions, image_size, skip_bad, progress=progress)
+        return CaptionedImages(data, captions, image_size, skip_bad, progress, cache_dir)
     if captions:
         raise UserError(f"--captions {captions}: the {kind} of --data {data} carry their own captions; drop "
                         f"--captions (pick the caption with --caption-key)")
     cls = ShardImages if kind == "shards" else ParquetImages
-    return cls(paths, image_size, skip_bad, progress, caption_key, image_key)
+    return cls(paths, image_size, skip_bad, progress, caption_key, image_key, cache_dir)
 
 
 def bytes_problem(data: bytes, size: int):
@@ -752,14 +871,14 @@ class IndexedImages(torch.utils.data.Dataset):
     serves a folder: (image (3, H, W) in [-1, 1], index, label or -1).
     """
 
-    def __init__(self, paths, image_size, skip_bad, progress, caption_key, image_key):
+    def __init__(self, paths, image_size, skip_bad, progress, caption_key, image_key, cache_dir=None):
         from tqdm import tqdm
         self.paths, self.image_size = list(paths), image_size
         self.caption_key, self.image_key = caption_key, image_key
         self.names, self.captions, raw_labels, self.where = [], [], [], []  # per sample
         problems = {}
         self.index(problems, raw_labels, progress)
-        good = self.check_images(problems, progress)
+        good = self.check_images(problems, progress, cache_dir)
         self.skipped = skip_or_refuse(problems, skip_bad, progress)
         if not good:
             raise UserError(f"no usable captioned images in {self.paths[0]}" +
@@ -770,30 +889,37 @@ class IndexedImages(torch.utils.data.Dataset):
         self.where = np.array([self.where[i] for i in good], dtype=np.int64)  # (n, 3): compact, shared by workers
         self.labels = label_list([raw_labels[i] for i in good])
 
-    def check_images(self, problems, progress, chunk=256):
+    def check_images(self, problems, progress, cache_dir=None, chunk=256):
         """Decodes every image once, as training decodes it, in file order (threads: PIL decodes without
-        the GIL; a chunk at a time, so no more than `chunk` images are held); -> the good samples."""
+        the GIL; a chunk at a time, so no more than `chunk` images are held), or reads the record of an
+        earlier check (checked_once); -> the good samples."""
         from tqdm import tqdm
-        good, batch = [], []
-        bar = tqdm(total=len(self.names), desc="checking images", disable=not progress, unit="img")
 
-        def flush():
-            for (i, _), problem in zip(batch, pool.map(lambda p: "null image" if p[1] is None
-                                                       else bytes_problem(p[1], self.image_size), batch)):
-                if problem:
-                    problems[self.names[i]] = f"{self.describe(i)}: {problem}; drop the {self.item}, or pass --skip-bad"
-                else:
-                    good.append(i)
-            bar.update(len(batch))
-            batch.clear()
-        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-            for i in range(len(self.names)):
-                batch.append((i, self.read(i)))
-                if len(batch) == chunk:
-                    flush()
-            flush()
-        bar.close()
-        return good
+        def check():
+            found, batch = {}, []  # found: {sample number (a string, as JSON keys are): problem}
+            bar = tqdm(total=len(self.names), desc="checking images", disable=not progress, unit="img")
+
+            def flush():
+                for (i, _), problem in zip(batch, pool.map(lambda p: "null image" if p[1] is None
+                                                           else bytes_problem(p[1], self.image_size), batch)):
+                    if problem:
+                        found[str(i)] = f"{self.describe(i)}: {problem}; drop the {self.item}, or pass --skip-bad"
+                bar.update(len(batch))
+                batch.clear()
+            with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+                for i in range(len(self.names)):
+                    batch.append((i, self.read(i)))
+                    if len(batch) == chunk:
+                        flush()
+                flush()
+            bar.close()
+            return found
+        # What the index says is read (each sample's name and place, the image column or member), in which files.
+        key = [type(self).__name__, [os.path.abspath(p) for p in self.paths], file_stats(self.paths), self.image_size,
+               self.image_key, getattr(self, "image_columns", None), self.names, self.where]
+        bad = checked_once(cache_dir, key, check, progress)
+        problems.update((self.names[int(i)], problem) for i, problem in bad.items())
+        return [i for i in range(len(self.names)) if str(i) not in bad]
 
     def __len__(self):
         return len(self.names)

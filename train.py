@@ -39,8 +39,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import LatentSet, ShardedSampler, fetch_text, load_splits, prompt_adherence, spread_sample
-from devices import autocast, check_shared, computed_once, distributed, mean_across_ranks, share, temporary
+from data import LatentSet, ShardedSampler, fetch_text, load_splits, make_loader, prompt_adherence, spread_sample
+from devices import (autocast, check_shared, computed_once, distributed, hardware_defaults, mean_across_ranks, share,
+                     temporary)
 from dit import CONDS as DIT_CONDS
 from dit import DiT, DiT_models, Diffusion, generate, make_dit_config
 from files import (MissingFile, NpyRows, UserError, append_jsonl, check_output, check_ranges, check_resume, claim_out,
@@ -148,9 +149,11 @@ def get_args(argv=None):
     p.add_argument("--disc-channel-base", type=int, default=1024, help="16384 gives the paper's ~24M D at 256 px")
     p.add_argument("--disc-channel-max", type=int, default=128, help="512 for the paper's D")
     # systems
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA "
+                   "when Triton is installed")
     p.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="bf16 autocast or plain fp32 (default: "
-                   "bf16 on CUDA, fp32 on the CPU; bf16 on the CPU runs the GPU's mixed-precision path, as tests do)")
+                   "bf16 on GPUs that have it (compute capability 8.0+), else fp32; bf16 on the CPU runs the GPU's "
+                   "mixed-precision path, as tests do)")
     p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None, help="first run one "
                    "throwaway step with everything a later step holds (the discriminator's too), so a batch that "
                    "does not fit fails in the first minute, not at --disc-start (default: on with CUDA)")
@@ -214,9 +217,20 @@ def builds_discriminator(args):
 def build_data(args, image_size, master):
     """(train set, held-out set, whether to flip); both stages call it, so the DiT sees exactly the
     images (and held-out split) the tokenizer saw."""
-    train_set, val_set = load_splits(args.data, args.captions, image_size, args.seed, args.num_images,
-                                     args.val_images, args.skip_bad, progress=master, caption_key=args.caption_key,
-                                     image_key=args.image_key)
+    # What a start need not redo goes to --cache-dir: the built-in images drawn once, a real set's decode
+    # check. Rank 0 does it first; under torchrun the other ranks wait for it, then read what it wrote (and
+    # if rank 0 refused the data, they refuse it too, from its record, rather than wait for ever).
+    wait = dist.is_initialized()
+    if wait and not master:
+        dist.barrier()
+    try:
+        train_set, val_set = load_splits(args.data, args.captions, image_size, args.seed, args.num_images,
+                                         args.val_images, args.skip_bad, progress=master,
+                                         caption_key=args.caption_key, image_key=args.image_key,
+                                         cache_dir=args.cache_dir)
+    finally:
+        if wait and master:
+            dist.barrier()
     # Flips: ADM-style for real data; off for the built-in set, where a flip would contradict
     # "at the left" in the caption.
     hflip = args.hflip if args.hflip is not None else args.data != "builtin"
@@ -395,15 +409,15 @@ class Run:
     """
     Everything the two stages share, written once. A stage builds its data and networks, then:
 
-        run.start(model, cfg, ...)                         # EMA + AdamW, resume, banner, compile + DDP
-        run.check_memory(...)                              # --memory-check: one throwaway step first
-        for x, idx, labels in run.batches(data, workers):  # this rank's share of each global batch
-            g = run.draws()                                # the step's randomness, drawn as by one rank
-            parts = run.micro_batches(x, ...)              # --grad-accum K: K equal slices of it
-            def loss_of(k): ...                            # micro-batch k's objective, under run.autocast
-            terms, grad_norm = run.optimize(loss_of)       # lr, K backwards, clip, step, then the EMA
-            run.end_step(terms, evaluate)                  # log; evaluate and checkpoint when due
-        run.finish(...)                                    # export the EMA weights, plot the curves
+        run.start(model, cfg, ...)                                 # EMA + AdamW, resume, banner, compile + DDP
+        run.check_memory(...)                                      # --memory-check: one throwaway step first
+        for x, idx, labels, text, mask in run.batches(data, ...):  # this rank's share of each global batch
+            g = run.draws()                                        # the step's randomness, drawn as by one rank
+            parts = run.micro_batches(x, ...)                      # --grad-accum K: K equal slices of it
+            def loss_of(k): ...                                    # micro-batch k's objective, under run.autocast
+            terms, grad_norm = run.optimize(loss_of)               # lr, K backwards, clip, step, then the EMA
+            run.end_step(terms, evaluate)                          # log; evaluate and checkpoint when due
+        run.finish(...)                                            # export the EMA weights, plot the curves
 
     Saved and averaged is the unwrapped network (`raw`): no `_orig_mod.` or `module.` in its keys.
     """
@@ -415,8 +429,11 @@ class Run:
         self.K = args.grad_accum  # micro-batches per step: B / K images go through the network at a time
         self.micro = self.B // self.K
         self.memory_check = device.type == "cuda" if args.memory_check is None else args.memory_check
-        self.compile = device.type == "cuda" if args.compile is None else args.compile
-        self.autocast = autocast(device, args.precision)
+        # bf16 and torch.compile where the device runs them (devices.hardware_defaults); flags given win.
+        precision, self.compile, notice = hardware_defaults(device, args.precision, args.compile)
+        self.autocast = autocast(device, precision)
+        if notice and self.master:
+            print(f"note: {notice} (--precision and --compile override)")
         self.ckpt_path = os.path.join(args.out, "ckpt-latest.pt")
         self.log_path = os.path.join(args.out, "log.jsonl")
         self.step = 0  # optimizer steps taken: the data position, the lr and every draw follow from it
@@ -468,17 +485,21 @@ class Run:
         # cut the graph at DDP's 25 MB buckets, so each bucket's all-reduce overlaps the rest of backward.
         return compiled, torch.compile(ddp) if self.compile else ddp
 
-    def batches(self, dataset, workers):
-        """This rank's (inputs, indices, labels) batches until end_step has counted --steps: step k
-        reads the same images on one rank or eight, fresh or resumed (ShardedSampler)."""
+    def batches(self, dataset, workers, text=None):
+        """This rank's batches until end_step has counted --steps, on the device: (inputs, indices (on
+        the CPU), labels, caption embeddings and mask, the rows of the cache `text`: None without one).
+        Step k reads the same images on one rank or eight, fresh or resumed (ShardedSampler)."""
         sampler = ShardedSampler(len(dataset), self.B, self.rank, self.world, self.args.seed)
         epoch, pos = divmod(self.step, sampler.steps_per_epoch)
+        # One loader for the run (its workers persist), its sampler moved to each epoch's start before it reads.
+        loader = make_loader(dataset, self.B, sampler, workers, pin=self.device.type == "cuda", text=text,
+                             trim=not self.compile)
+        # Pinned memory: the copies are queued behind the GPU's work; from pageable memory each would wait for it.
+        to = lambda v: None if v is None else v.to(self.device, non_blocking=True)
         while self.step < self.args.steps:
             sampler.set_position(epoch, pos)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=self.B, sampler=sampler, drop_last=True,
-                                                 num_workers=workers, pin_memory=self.device.type == "cuda")
-            for batch in loader:
-                yield batch
+            for x, idx, lab, t, m in loader:
+                yield to(x), idx, to(lab), None if t is None else to(t).float(), to(m)  # fp16 cache -> fp32
                 if self.step >= self.args.steps:  # checked before the loader reads a batch past the end
                     return
             epoch, pos = epoch + 1, 0
@@ -489,8 +510,10 @@ class Run:
         return torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.step)
 
     def mine(self, t):
-        """This rank's rows of a tensor drawn for the global batch, on its device."""
-        return t[self.rank * self.B:(self.rank + 1) * self.B].to(self.device)
+        """This rank's rows of a tensor drawn for the global batch, on its device (pinned first on CUDA,
+        so that the copy does not wait for the GPU to finish the work already queued)."""
+        t = t[self.rank * self.B:(self.rank + 1) * self.B]
+        return (t.pin_memory() if self.device.type == "cuda" else t).to(self.device, non_blocking=True)
 
     def micro_batches(self, *tensors):
         """--grad-accum K: this rank's batch cut into K consecutive micro-batches, [(t1[k], t2[k], ...)]
@@ -687,9 +710,8 @@ def train_tokenizer(run):
     run.check_memory(throwaway_step, evaluation_batch, [run.opt] + ([opt_d] if gan else []))
 
     # ---- the loop ----
-    for x, idx, lab in run.batches(train_set, args.num_workers):
-        x, lab = x.to(device, non_blocking=True), lab.to(device, non_blocking=True)  # (B, 3, H, W), (B,)
-        text, mask = fetch_text(train_text, idx, device, trim=not run.compile)  # (B, Nt, Dt), (B, Nt) or None
+    # (B, 3, H, W), (B,), the captions (B, Nt, Dt) and (B, Nt) or None: read in the loader's workers
+    for x, idx, lab, text, mask in run.batches(train_set, args.num_workers, train_text):
         # Each draw is made for the global batch and sliced to this rank (run.mine), and the flips are
         # drawn even with --no-hflip: step k draws the same numbers on any number of ranks, with any flags.
         g = run.draws()
@@ -871,16 +893,17 @@ def train_dit(run):
     run.check_memory(throwaway_step, lambda: None, [run.opt])
 
     # ---- the loop ----
-    for z, idx, y in run.batches(LatentSet(latents, labels), workers=0):  # a memory map: no worker processes needed
-        x0 = (z.to(device) - mean) / std  # (B, N, d), unit scale per channel
+    # A memory map: no worker processes needed. The captions (DiT-T2I) come with the latents, as images' do.
+    batches = run.batches(LatentSet(latents, labels), workers=0, text=train_text if cond == "text" else None)
+    for z, idx, y, text, mask in batches:  # (B, N, d), (B,), (B,), (B, Nt, Dt) and (B, Nt) or None
+        x0 = (z - mean) / std  # (B, N, d), unit scale per channel
         g = run.draws()  # t, eps and the condition dropout, as the tokenizer stage draws its noise
         t = run.mine(torch.randint(0, diffusion.T, (args.batch_size,), generator=g))  # (B,)
         noise = run.mine(torch.randn(args.batch_size, cfg.num_tokens, cfg.token_dim, generator=g))  # (B, N, d)
         # Classifier-free guidance (Ho & Salimans 2022), as DiT trains it: a tenth of the conditions is
         # dropped to the null one, so the same network also learns the unconditional noise.
         drop = run.mine(torch.rand(args.batch_size, generator=g)) < cfg.dropout_prob  # (B,) for the guidance
-        y, text, mask = (y.to(device), None, None) if cond == "class" else (None, *fetch_text(
-            train_text, idx, device, trim=not run.compile))  # (B,) labels, or (B, Nt, Dt) and (B, Nt)
+        y = y if cond == "class" else None  # (B,) labels, or the captions: (B, Nt, Dt) and (B, Nt)
         micro = run.micro_batches(x0, t, noise, drop, y, text, mask)  # --grad-accum K: K slices of B/K
         terms, grad_norm = run.optimize(lambda k: dit_loss(*micro[k]))
         run.end_step(dict(**terms, grad_norm=grad_norm),
