@@ -128,3 +128,72 @@ def test_the_readme_table_is_replaced_in_place_and_never_left_half_written(tmp_p
     with pytest.raises(OSError):
         reproduce.update_readme("| newer |\n", str(readme))
     assert readme.read_text() == new and os.listdir(tmp_path) == ["README.md"]  # ... leaves the README as it was
+
+
+# The generation sweep at its smallest: one token count, one seed, TexTok and the baseline, each with a
+# DiT-T2I and a class DiT; two steps of everything and four held-out images.
+TINY_GEN = ["--generation", "--tokens", "1", "--seeds", "0", "--steps", "2", "--image-size", "16", "--num-images",
+            "16", "--eval-images", "4", "--batch-size", "4", "--jobs", "1", "--dit-steps", "2", "--dit-batch-size", "4",
+            "--class-tokens", "1", "--train-flags", "--text-len 32 --warmup-steps 1 --log-every 1 --save-every 1"]
+
+
+def test_a_killed_generation_sweep_resumes_and_reports_every_dit(tmp_path, monkeypatch):
+    flags = TINY_GEN + ["--out", str(tmp_path / "sweep"), "--results", str(tmp_path / "res"),
+                        "--cache-dir", str(tmp_path / "cache")]
+    jobs = reproduce.plan_generation(reproduce.get_args(flags))
+    assert [(j["name"], j["dits"]) for j in jobs] == [("n1-both-s0", ["text", "class"]),
+                                                       ("n1-none-s0", ["text", "class"])]
+
+    # Killed while scoring the third DiT (the baseline's T2I), after it trained and saved.
+    score, scored = reproduce.evaluate_generation_run, []
+
+    def score_then_die(folder, args, run, cond):
+        scored.append((run["name"], cond))
+        if len(scored) == 3:
+            raise KeyboardInterrupt("killed")
+        return score(folder, args, run, cond)
+    monkeypatch.setattr(reproduce, "evaluate_generation_run", score_then_die)
+    with pytest.raises(KeyboardInterrupt, match="n1-none-s0/dit-text"):
+        reproduce.main(flags)
+    sweep = tmp_path / "sweep"
+    done = [sweep / "n1-both-s0" / f"dit-{c}" / "result.json" for c in ("text", "class")]
+    assert all(p.is_file() for p in done) and not (sweep / "n1-none-s0" / "dit-text" / "result.json").exists()
+    done_at = [os.path.getmtime(p) for p in done]
+
+    # Other DiT settings into the same folder are refused; the same command finishes the rest only.
+    with pytest.raises(reproduce.UserError, match="other settings"):
+        reproduce.main([*flags, "--dit-steps", "3"])
+    trained, real_main = [], train.main
+    monkeypatch.setattr(train, "main", lambda argv: (trained.append(argv), real_main(argv))[1])
+    out = reproduce.main(flags)
+    assert [a[a.index("--dit-cond") + 1] for a in trained] == ["text", "class"]  # the baseline's two DiTs
+    assert "--resume" in trained[0] and "--resume" not in trained[1]  # the killed one resumed its checkpoint
+    assert [os.path.getmtime(p) for p in done] == done_at
+    assert scored[3:] == [("n1-none-s0", "text"), ("n1-none-s0", "class")]
+
+    # generation.json: the command and one object per DiT run with what issue 28 asks each to hold.
+    table = json.loads((tmp_path / "res" / "generation.json").read_text())
+    assert table["command"].startswith("python reproduce.py --generation") and table == json.loads(json.dumps(out))
+    runs = {(r["text_in"], r["dit_cond"]): r for r in table["runs"]}
+    assert sorted(runs) == [("both", "class"), ("both", "text"), ("none", "class"), ("none", "text")]
+    for (text_in, cond), r in runs.items():
+        assert {"text_in", "num_tokens", "seed", "dit_cond", "dit_steps", "gfid", "adherence",
+                "seconds_per_image", "seconds_per_image_2d_grid"} <= set(r)
+        assert r["num_tokens"] == 1 and r["seed"] == 0 and r["dit_steps"] == 2 and r["num_samples"] == 4
+        assert r["gfid"] > 0 and r["seconds_per_image"] > 0
+        # adherence is scored on built-in prompts, so T2I has it and the class DiT (no prompt) has null
+        assert (r["adherence"] is None) == (cond == "class")
+        # the same latents decoded with an empty caption: only where the tokenizer reads a caption
+        assert ("adherence_empty" in r) == (cond == "text" and text_in == "both")
+    # The summary pairs TexTok with the baseline of its seed, and the files a reader looks at are there.
+    both_t2i = next(s for s in table["summary"] if s["dit_cond"] == "text" and s["text_in"] == "both")
+    base = runs[("none", "text")]["gfid"]
+    assert both_t2i["gfid_gain"] == pytest.approx(100 * (base - runs[("both", "text")]["gfid"]) / base)
+    for name in ("generation.md", "generation.png", "fig5.png"):
+        assert (tmp_path / "res" / name).is_file()
+    assert "| T2I | 1 | TexTok |" in (tmp_path / "res" / "generation.md").read_text()
+
+    # A finished generation sweep run again trains nothing and reports the same runs.
+    trained.clear()
+    again = reproduce.main(flags)
+    assert trained == [] and again["runs"] == out["runs"]
