@@ -97,13 +97,28 @@ def make_scene(index: int, seed: int = 0):
     return dict(background=bg, objects=objects, gradient=gradient)
 
 
-def caption_of(scene) -> str:
-    """'a large red circle at the top left and a small blue star in the center, on a gray background'."""
-    parts = [f"a {o['size']} {o['color']} {o['shape']} {'in' if o['place'] == 'center' else 'at'} the {o['place']}"
-             for o in scene["objects"]]
+# How much a built-in caption says (train.py and reproduce.py --builtin-captions): all it names, or
+# less, with the images unchanged. The caption's worth against what it says about appearance that the
+# tokens must otherwise hold (issue 24): the colours, the places, or nothing but the shapes' names.
+CAPTION_DETAILS = ("full", "no-colors", "no-places", "shapes")
+
+
+def caption_of(scene, detail: str = "full") -> str:
+    """'a large red circle at the top left and a small blue star in the center, on a gray background'
+    ("full"); without the colours 'a large circle at the top left and a small star in the center';
+    without the places 'a large red circle and a small blue star, on a gray background'; "shapes":
+    'a circle and a star'."""
+    if detail not in CAPTION_DETAILS:
+        raise ValueError(f"caption detail {detail!r}: one of {', '.join(CAPTION_DETAILS)}")
+    colors, places = detail in ("full", "no-places"), detail in ("full", "no-colors")
+    parts = []
+    for o in scene["objects"]:
+        words = [o["shape"]] if detail == "shapes" else [o["size"], *([o["color"]] if colors else []), o["shape"]]
+        place = f" {'in' if o['place'] == 'center' else 'at'} the {o['place']}" if places else ""
+        parts.append(f"a {' '.join(words)}{place}")
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     bg = scene["background"]
-    return f"{text}, on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
+    return f"{text}, on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background" if colors else text
 
 
 def scene_of(caption: str):
@@ -208,12 +223,14 @@ def to_tensor(img) -> torch.Tensor:
 class ShapesDataset(torch.utils.data.Dataset):
     """The built-in captioned dataset; image i is a pure function of (seed, i). Drawn per item, or,
     with a cache_dir (train.py's --cache-dir), drawn once into a memory-mapped uint8 array there
-    and read back: at about a millisecond an image a GPU would otherwise wait for the drawing."""
+    and read back: at about a millisecond an image a GPU would otherwise wait for the drawing.
+    `detail` is how much the captions say (CAPTION_DETAILS); the images are the same for every one."""
 
-    def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0, cache_dir: str = None):
+    def __init__(self, num_images: int = 10000, image_size: int = 32, seed: int = 0, cache_dir: str = None,
+                 detail: str = "full"):
         self.num_images, self.image_size, self.seed = num_images, image_size, seed
         self.scenes = [make_scene(i, seed) for i in range(num_images)]
-        self.captions = [caption_of(s) for s in self.scenes]
+        self.captions = [caption_of(s, detail) for s in self.scenes]
         # A class label, for the class-conditional paths (DiT, the class-embedding ablation):
         # the shape of the first object, as ImageNet's class is the main object (6 classes).
         self.labels = [SHAPES.index(s["objects"][0]["shape"]) for s in self.scenes]
@@ -614,19 +631,20 @@ def spread_sample(dataset, n: int):
 
 def load_splits(data: str = "builtin", captions: str = None, image_size: int = 32, seed: int = 0,
                 num_images: int = 4096, val_images: int = 256, skip_bad: bool = False, progress: bool = True,
-                caption_key: str = None, image_key: str = None, cache_dir: str = None):
+                caption_key: str = None, image_key: str = None, cache_dir: str = None,
+                builtin_captions: str = "full"):
     """
     (training set, held-out set), as train.py trains and evaluates on them and eval_fid.py scores
     them, so that a reported reconstruction metric is always on images the tokenizer never saw.
     Built-in: `num_images` scenes of `seed` for training and `val_images` scenes of seed + 1 (a
-    disjoint draw) held out. A folder: a seeded shuffle holds out `val_images` images, at most a
+    disjoint draw) held out, captioned with `builtin_captions` detail. A folder: a seeded shuffle holds out `val_images` images, at most a
     tenth of the folder, and at least one. Shards and Parquet (open_dataset) are split the same way,
     so the same images in the same order hold out the same ones in every format. A cache_dir (train.py's
     --cache-dir) keeps work a second start need not redo: the built-in images drawn, a real set's check.
     """
     if data == "builtin":
-        return (ShapesDataset(num_images, image_size, seed, cache_dir),
-                ShapesDataset(val_images, image_size, seed + 1, cache_dir))
+        return (ShapesDataset(num_images, image_size, seed, cache_dir, builtin_captions),
+                ShapesDataset(val_images, image_size, seed + 1, cache_dir, builtin_captions))
     full = open_dataset(data, captions, image_size, skip_bad, progress, caption_key, image_key, cache_dir)
     if len(full) < 2:
         raise UserError(f"{data} has {len(full)} usable captioned image(s): training and a held-out "

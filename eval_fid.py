@@ -497,7 +497,8 @@ def training_images(tokenizer, image_size, count):
         raise UserError(f"--train-images needs the training run's args.json beside {tokenizer}, to know its data")
     train_set, _ = load_splits(run["data"], run.get("captions"), image_size, run["seed"], run["num_images"],
                                run["val_images"], run.get("skip_bad", False), progress=False,
-                               caption_key=run.get("caption_key"), image_key=run.get("image_key"))
+                               caption_key=run.get("caption_key"), image_key=run.get("image_key"),
+                               builtin_captions=run.get("builtin_captions", "full"))
     seen = spread_sample(train_set, count)
     return seen, f"{len(seen)} of the {len(train_set)} images the tokenizer trained on (spread over its training split)"
 
@@ -522,8 +523,10 @@ def held_out_images(tokenizer, image_size, data=None, captions=None, seed=None, 
         raise UserError(f"--captions {captions} goes with --data FOLDER, the images it captions; pass --data")
     if data == "builtin":
         n = num_images or 1000
-        return (ShapesDataset(n, image_size, seed=seed + 1),
-                f"{n} held-out built-in scenes (seed {seed + 1}; the run trained on seed {seed})")
+        detail = run.get("builtin_captions", "full")  # the captions the run trained with say as much
+        return (ShapesDataset(n, image_size, seed=seed + 1, detail=detail),
+                f"{n} held-out built-in scenes (seed {seed + 1}; the run trained on seed {seed})"
+                + ("" if detail == "full" else f", captions: {detail}"))
     if not captions and data_format(data)[0] == "folder":  # shards and Parquet carry their captions
         raise UserError(f"--data {data} needs --captions FILE.jsonl")
     if files:

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np
 import torch
 
+from data import CAPTION_DETAILS
 from files import UserError, check_output, check_ranges, flag_error, json_digest, run_main, write_json, write_text
 
 VARIANTS = ("none", "tokenizer", "detokenizer", "both")  # Table 4d's rows, in its order
@@ -80,6 +81,8 @@ def get_args(argv=None):
     # the data, and how the sweep runs and where it writes
     p.add_argument("--data", default="builtin", help="'builtin' or an image folder")
     p.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    p.add_argument("--builtin-captions", default="full", choices=CAPTION_DETAILS, help="how much the built-in "
+                   "captions say (train.py --builtin-captions): what the caption's worth depends on")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad images/captions")
     p.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. \"--lr 5e-4\"")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
@@ -149,6 +152,9 @@ def get_args(argv=None):
                           f"data only (its unseen captions per class come from a scene seed no run trains on); pass 0")
     if args.captions and args.data == "builtin":  # it would sweep the built-in shapes, the file unread
         flag_error(p, f"--captions {args.captions} goes with --data FOLDER, the images it captions; pass --data")
+    if args.builtin_captions != "full" and args.data != "builtin":
+        flag_error(p, f"--builtin-captions {args.builtin_captions} shortens the built-in captions; --data {args.data} "
+                      f"has its own: drop --builtin-captions")
     # Checked once here, not found missing by every run of the sweep in turn.
     if args.data != "builtin" and not os.path.isdir(args.data):
         flag_error(p, f"--data {args.data}: no such image folder; fix --data")
@@ -168,6 +174,7 @@ def published_settings(args, tokenizers_only=False):
     would be one of the published sweep's (any token counts and seeds, the same flags)."""
     preset = {k: v for k, v in PRESETS["cpu"].items() if not (tokenizers_only and k in ("tokens", "ablation_tokens"))}
     return (args.preset == "cpu" and args.data == "builtin" and not args.captions and not args.train_flags
+            and args.builtin_captions == "full"
             and (tokenizers_only or args.seeds == [0, 1, 2])
             and all(getattr(args, k) in (None, v) for k, v in preset.items()))
 
@@ -190,7 +197,10 @@ def sweep_settings(args):
     """What every run shares; a rerun with other settings into the same --out is refused."""
     keys = ("model", "image_size", "patch_size", "steps", "batch_size", "lpips_weight", "num_images", "eval_images",
             "data", "captions", "train_flags")
-    return {k: getattr(args, k) for k in keys}
+    settings = {k: getattr(args, k) for k in keys}
+    if args.builtin_captions != "full":  # only then: a sweep pinned before the flag existed still resumes
+        settings["builtin_captions"] = args.builtin_captions
+    return settings
 
 
 def train_argv(args, run, folder):
@@ -203,7 +213,8 @@ def train_argv(args, run, folder):
             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lpips-weight", str(args.lpips_weight),
             "--num-images", str(args.num_images), "--val-images", str(args.eval_images), "--data", args.data,
             "--eval-every", str(args.steps), "--save-every", str(min(250, args.steps)), "--num-workers", "0",
-            "--cache-dir", args.cache_dir, "--out", folder, *args.train_flags.split()]
+            "--cache-dir", args.cache_dir, "--builtin-captions", args.builtin_captions, "--out", folder,
+            *args.train_flags.split()]
     if args.captions:
         argv += ["--captions", args.captions]
     if args.skip_bad:
@@ -225,7 +236,8 @@ def evaluate_run(folder, args, seed):
     # The EMA weights train.py exported, on the held-out split train.py kept out of training.
     tok = TexTok.from_pretrained(os.path.join(folder, "tokenizer")).eval()
     train_set, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images,
-                                      args.eval_images, args.skip_bad, progress=False)
+                                      args.eval_images, args.skip_bad, progress=False,
+                                      builtin_captions=args.builtin_captions)
     # The networks are loaded once per worker process and kept: every run is scored by the same ones.
     if "inception" not in _eval_tools:
         _eval_tools.update(inception=Inception(), lpips=LPIPS.load())
@@ -396,7 +408,8 @@ def markdown(summary, args, minutes):
                   f"{args.batch_size}, LPIPS weight {args.lpips_weight}; {held_out} held-out images per run (rFID "
                   f"at this count is not comparable with 50k-image numbers). {hw}: {minutes:.0f} minutes in train.py, "
                   f"summed over the runs (a resumed run counts from its last resume)."
-                  + (f" Every run also had `{args.train_flags}`." if args.train_flags else "")]
+                  + (f" Every run also had `{args.train_flags}`." if args.train_flags else "")
+                  + (f" Built-in captions: {args.builtin_captions}." if args.builtin_captions != "full" else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -432,7 +445,7 @@ def figure(args, seed, path, count=6):
     from pixels import save_grid
     from textok import TexTok, TextEncoder
     _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
-                              args.skip_bad, progress=False)
+                              args.skip_bad, progress=False, builtin_captions=args.builtin_captions)
     count = min(count, len(held_out))
     x = torch.stack([held_out[i][0] for i in range(count)])
     captions = held_out.captions[:count]
@@ -584,7 +597,7 @@ def evaluate_generation_run(folder, args, run, cond):
     dit, meta = load_dit(os.path.join(folder, "ckpt-latest.pt"))
     tok = load_tokenizer(meta["tokenizer"], meta)
     _, held_out = load_splits(args.data, args.captions, args.image_size, run["seed"], args.num_images,
-                              args.eval_images, args.skip_bad, progress=False)
+                              args.eval_images, args.skip_bad, progress=False, builtin_captions=args.builtin_captions)
     if "inception" not in _eval_tools:
         _eval_tools["inception"] = Inception()
     inception = _eval_tools["inception"]
@@ -790,7 +803,7 @@ def figure5(args, seed, path, count=6):
     from sample import load_dit, load_tokenizer
     from textok import TextEncoder
     _, held_out = load_splits(args.data, args.captions, args.image_size, seed, args.num_images, args.eval_images,
-                              args.skip_bad, progress=False)
+                              args.skip_bad, progress=False, builtin_captions=args.builtin_captions)
     count = min(count, len(held_out))
     prompts = list(held_out.captions[:count])
     cols, titles = [torch.stack([held_out[i][0] for i in range(count)])], ["real"]

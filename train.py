@@ -39,7 +39,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import LatentSet, ShardedSampler, fetch_text, load_splits, make_loader, prompt_adherence, spread_sample
+from data import (CAPTION_DETAILS, LatentSet, ShardedSampler, fetch_text, load_splits, make_loader, prompt_adherence,
+                  spread_sample)
 from devices import (autocast, check_shared, computed_once, distributed, hardware_defaults, mean_across_ranks, share,
                      temporary)
 from dit import CONDS as DIT_CONDS
@@ -108,6 +109,9 @@ def get_args(argv=None):
     p.add_argument("--data", default="builtin", help="'builtin' (captioned shapes), an image folder, webdataset "
                    "shards (a folder of .tar, a glob, shards/{00000..00099}.tar) or Parquet (a file, folder or glob)")
     p.add_argument("--captions", default=None, help="JSON-lines caption file for --data FOLDER")
+    p.add_argument("--builtin-captions", default="full", choices=CAPTION_DETAILS, help="how much the built-in "
+                   "captions say (the images are the same): all, all but the colours, all but the places, the "
+                   "shape names only; how the caption's worth follows what it tells the tokens")
     p.add_argument("--caption-key", default=None, help="shards: the caption member's extension or a field of KEY.json "
                    "(default: KEY.txt, else \"caption\" in KEY.json); Parquet: the caption column (default: caption, text, ...)")
     p.add_argument("--image-key", default=None, help="shards: the image member's extension (default: jpg, jpeg, png, "
@@ -178,6 +182,9 @@ def check_args(p, args):
         error("--resume continues the run in --out, --overwrite starts it over: pass one of them")
     if args.captions and args.data == "builtin":  # it would train on the built-in shapes, the file unread
         error(f"{flag('captions')} goes with --data FOLDER, the images it captions; pass --data")
+    if args.builtin_captions != "full" and args.data != "builtin":  # a folder's captions are its file's
+        error(f"--builtin-captions {args.builtin_captions} shortens the built-in captions; --data {args.data} has its "
+              f"own: drop --builtin-captions")
     if args.lpips_weights and args.lpips_weight > 0 and not os.path.isfile(args.lpips_weights):  # read after the caches
         error(f"{flag('lpips_weights')}: no such file; fix the path, or leave it out (packaged or downloaded weights)")
     check_output(p, "--out", args.out, folder=True)
@@ -227,7 +234,7 @@ def build_data(args, image_size, master):
         train_set, val_set = load_splits(args.data, args.captions, image_size, args.seed, args.num_images,
                                          args.val_images, args.skip_bad, progress=master,
                                          caption_key=args.caption_key, image_key=args.image_key,
-                                         cache_dir=args.cache_dir)
+                                         cache_dir=args.cache_dir, builtin_captions=args.builtin_captions)
     finally:
         if wait and master:
             dist.barrier()

@@ -131,6 +131,16 @@ def test_captions_without_data_are_refused_at_parse_time(capsys):
         eval_fid.held_out_images("no/tokenizer", 16, "builtin", "mine.jsonl")
 
 
+def test_shorter_builtin_captions_with_a_folder_are_refused_and_scoring_keeps_a_runs_captions(tmp_path, capsys):
+    for get_args in (train.get_args, reproduce.get_args):
+        err = one_line_flag_error(capsys, get_args, ["--data", str(tmp_path), "--builtin-captions", "shapes"])
+        assert f"--builtin-captions shapes shortens the built-in captions; --data {tmp_path} has its own" in err
+    # eval_fid.py recon scores a run's held-out images with the captions that run trained with.
+    (tmp_path / "args.json").write_text(json.dumps({"data": "builtin", "seed": 0, "builtin_captions": "no-places"}))
+    held_out, said = eval_fid.held_out_images(str(tmp_path / "tokenizer"), 16, num_images=5)
+    assert held_out.captions == data.ShapesDataset(5, 16, seed=1, detail="no-places").captions and "no-places" in said
+
+
 def test_dit_latents_are_encoded_again_when_an_image_changes_under_its_name(tmp_path, monkeypatch):
     from textok import TexTok, make_config
     root, caps = labelled_folder(tmp_path, [0, 1] * 4)
@@ -199,6 +209,12 @@ def test_only_the_published_settings_write_the_published_results_by_default():
     assert smoke.results == smoke.out and smoke.out.startswith(os.path.join("out", "reproduce-cpu-"))
     assert reproduce.get_args(["--steps", "3", "--tokens", "1", "--seeds", "0"]).out == smoke.out  # rerun: resumes it
     assert reproduce.get_args(["--steps", "3", "--results", "docs/results"]).results == "docs/results"  # asked for
+    # Shorter built-in captions are another sweep: its own folder, its runs told, never the published table.
+    short = reproduce.get_args(["--builtin-captions", "no-colors"])
+    assert short.results == short.out != published.out and reproduce.sweep_settings(short)["builtin_captions"] == "no-colors"
+    argv = reproduce.train_argv(short, reproduce.plan(short)[0], "x")
+    assert argv[argv.index("--builtin-captions") + 1] == "no-colors" and train.get_args(argv).builtin_captions == "no-colors"
+    assert "builtin_captions" not in reproduce.sweep_settings(published)  # sweeps pinned before the flag still resume
 
 
 #################################################################################

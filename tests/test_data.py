@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (COLORS, PLACES, SIZES, CaptionedImages, ShapesDataset, ShardedSampler, caption_of, center_crop,
-                  load_rgb, make_scene, render)
+from data import (CAPTION_DETAILS, COLORS, PLACES, SHAPES, SIZES, CaptionedImages, ShapesDataset, ShardedSampler,
+                  caption_of, center_crop, load_rgb, make_scene, render)
 
 
 def test_builtin_dataset_is_deterministic_by_seed():
@@ -67,6 +67,25 @@ def test_captions_leave_detail_to_the_image_tokens():
     assert caption_of(scene) == caption_of(other)
     a, b = (np.asarray(render(s, 64), dtype=float) for s in (scene, other))
     assert np.abs(a - b).mean() > 2  # visibly different images (mean |difference| in 0-255 units)
+
+
+def test_shorter_builtin_captions_say_less_about_the_same_images():
+    # --builtin-captions (issue 24): what the caption says changes, the images and labels do not.
+    sets = {d: ShapesDataset(40, 16, seed=2, detail=d) for d in CAPTION_DETAILS}
+    words = lambda caption: set(re.findall(r"[a-z]+", caption))
+    color_words, place_words = set(COLORS), set(" ".join(PLACES).split())
+    for i in range(40):
+        assert all(torch.equal(sets["full"][i][0], s[i][0]) for s in sets.values())
+        scene = sets["full"].scenes[i]
+        assert sets["full"].captions[i] == caption_of(scene)  # "full" is the caption every run had so far
+        said = {d: words(s.captions[i]) for d, s in sets.items()}
+        assert scene["background"] in said["full"]
+        assert not said["no-colors"] & color_words and place_words & said["full"] <= said["no-colors"]
+        assert not said["no-places"] & place_words and color_words & said["full"] <= said["no-places"]
+        assert said["shapes"] <= {"a", "and", *SHAPES} and {o["shape"] for o in scene["objects"]} <= said["shapes"]
+    assert all(s.labels == sets["full"].labels for s in sets.values())
+    with pytest.raises(ValueError, match="no-colours"):
+        caption_of(make_scene(0), "no-colours")
 
 
 def write(path, img):
