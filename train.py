@@ -98,6 +98,9 @@ def get_args(argv=None):
     p.add_argument("--text-len", type=int, default=64, help="text tokens per caption (paper: 128)")
     p.add_argument("--text-drop", type=float, default=0.0, help="share of training images given the empty caption "
                    "instead of their own, so the tokens must carry the image without it (0: never, 1: always)")
+    p.add_argument("--text-noise", type=float, default=0.0, help="Gaussian noise on the training captions' "
+                   "embeddings, in units of each text token's RMS (0: none): what a caption says broadly survives, "
+                   "the exact caption that names one training image does not")
     # DiT (--stage dit)
     p.add_argument("--tokenizer", default="out/textok/tokenizer", help="trained tokenizer folder (train.py writes one)")
     p.add_argument("--dit-model", default="DiT-T", choices=list(DiT_models))
@@ -193,7 +196,7 @@ def check_args(p, args):
                                       "batch_size", "num_images", "val_images", "log_every", "eval_every",
                                       "save_every", "sample_steps", "grad_accum", "eval_batch_size"),
                  not_negative=("seed", "warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr",
-                               "weight_decay", "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight"),
+                               "weight_decay", "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight", "text_noise"),
                  positive=("lr", "disc_lr", "grad_clip"), below_1=("beta1", "beta2", "ema_decay"))
     if args.batch_size % args.grad_accum:
         error(f"{flag('batch_size')} is not a multiple of {flag('grad_accum')}: each step takes K equal micro-batches")
@@ -734,6 +737,14 @@ def train_tokenizer(run):
             L = text.shape[1]  # trimmed to the batch's longest caption, never shorter than the empty one
             text = torch.where(drop[:, None, None], empty_text[:, :L], text)  # (B, L, Dt)
             mask = torch.where(drop[:, None], empty_mask[:, :L], mask)  # (B, L)
+        if use_text and args.text_noise > 0:
+            # Conditioning augmentation (as cascaded diffusion models noise what they condition on): each text
+            # token moves by noise at --text-noise times its own RMS, so the decoder can still read what kind of
+            # words a caption holds, but not recognise one training caption and redraw its image from memory.
+            # Drawn at the full caption length, whatever the batch was trimmed to: the same on any rank count.
+            eps = run.mine(torch.randn(args.batch_size, args.text_len, text.shape[-1], generator=g))
+            rms = text.float().square().mean(-1, keepdim=True).sqrt()  # (B, L, 1)
+            text = (text.float() + args.text_noise * rms * eps[:, :text.shape[1]].to(device)).to(text.dtype)
         adversarial = gan and run.step >= args.disc_start
         # --grad-accum K: the batch goes through in K micro-batches of B/K (the same images and draws as
         # K = 1). Every loss is a per-image mean, so the update is K = 1's; only D's minibatch-std

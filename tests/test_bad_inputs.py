@@ -275,6 +275,7 @@ def test_a_dit_for_a_tokenizer_and_a_tokenizer_for_a_dit_say_which_is_which(tmp_
     (sample.get_args, ["--num-samples", "-5"], "--num-samples -5: must not be negative"),  # a file-extension message before
     (sample.get_args, ["--prompts-file", "no-such.txt"], "--prompts-file no-such.txt: no such file"),
     (train.get_args, ["--seed", "-1"], "--seed -1: must not be negative"),
+    (train.get_args, ["--text-noise", "-0.5"], "--text-noise -0.5: must not be negative"),
     (caption.get_args, ["imgs", "--shard", "abc"], "--shard abc: expected i/n with 0 <= i < n"),  # int()'s traceback
     (caption.get_args, ["imgs", "--shard", "2/2"], "--shard 2/2: expected i/n with 0 <= i < n"),
 ])

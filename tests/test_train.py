@@ -182,7 +182,7 @@ def test_every_evaluation_also_scores_the_caption_on_training_images(tmp_path):
     assert res["captions"]["psnr"] == pytest.approx(ev["psnr"], abs=0.05)  # and held-out beside it
 
 
-def test_text_drop_one_trains_without_the_captions_and_zero_is_the_plain_run(tmp_path):
+def test_text_drop_and_noise_at_zero_are_the_plain_run_and_drop_one_trains_without_captions(tmp_path):
     # Two caption files for the same 20 images that differ on every training image (the held-out ones,
     # whose cache holds the empty caption, are the same), with captions of the same token lengths.
     root, caps = captioned_folder(tmp_path, 20, lambda i: (12 * i, 60, 200 - 8 * i), lambda i: f"a red square {i}")
@@ -210,6 +210,12 @@ def test_text_drop_one_trains_without_the_captions_and_zero_is_the_plain_run(tmp
     # At 0 it is the plain run, bit for bit (its draw comes after every other draw of the step).
     assert same(plain, weights("zero", caps, "--text-drop", "0"))
     assert not same(plain, weights("half", caps, "--text-drop", "0.5"))
+    # --text-noise the same way: 0 is the plain run bit for bit, noise changes what the captions teach,
+    # and a model that reads no caption has nothing for it to touch.
+    assert same(plain, weights("noise-0", caps, "--text-noise", "0"))
+    assert not same(plain, weights("noise-1", caps, "--text-noise", "1"))
+    assert same(weights("none-a", caps, "--text-in", "none"), weights("none-b", caps, "--text-in", "none",
+                                                                        "--text-noise", "1"))
 
 
 def test_a_run_is_never_replaced_silently_and_logs_each_step_once(tmp_path, monkeypatch):
