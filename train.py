@@ -196,7 +196,8 @@ def check_args(p, args):
                                       "batch_size", "num_images", "val_images", "log_every", "eval_every",
                                       "save_every", "sample_steps", "grad_accum", "eval_batch_size"),
                  not_negative=("seed", "warmup_steps", "keep_every", "num_workers", "disc_start", "min_lr",
-                               "weight_decay", "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight", "text_noise"),
+                               "weight_decay", "l2_weight", "lpips_weight", "kl_weight", "gan_weight", "lecam_weight",
+                               "text_noise"),
                  positive=("lr", "disc_lr", "grad_clip"), below_1=("beta1", "beta2", "ema_decay"))
     if args.batch_size % args.grad_accum:
         error(f"{flag('batch_size')} is not a multiple of {flag('grad_accum')}: each step takes K equal micro-batches")
