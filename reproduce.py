@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -290,6 +291,25 @@ def run_one(run, args, threads):
                         f"{folder} and run the sweep again)") from None
     write_json(os.path.join(folder, "result.json"), result)
     return result
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """The pool of a --jobs sweep. spawn, not fork: each worker starts a fresh interpreter, not a copy
+    of this one's torch state (a forked child inherits its thread pool, and cannot initialise CUDA
+    once the parent has). Each worker ends with the sweep (end_with_parent)."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=end_with_parent, initargs=(os.getpid(),))
+
+
+def end_with_parent(parent: int) -> None:
+    """A sweep worker's start: a thread that ends the worker once the sweep that started it is gone.
+    Ctrl-C signals the whole process group, but `kill <pid>` of the sweep alone would leave its
+    workers training on, holding their runs' locks, with no one to record what they finish."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)  # the run's lock is taken over by the next sweep (files.lock_out: its pid is gone)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def read_result(args, run):
@@ -887,9 +907,7 @@ def execute(args, todo, total, work, said):
                 bar.write(f"error: {e}")
                 failed.append(e)
     else:
-        # spawn, not fork: each worker starts a fresh interpreter, not a copy of this one's torch state (a
-        # forked child inherits its thread pool, and cannot initialise CUDA once the parent has).
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(args.jobs) as pool:
             for future in as_completed([pool.submit(work, item, args, threads) for item in todo]):
                 try:
                     done(future.result())  # a failed run raises here (the work names it)

