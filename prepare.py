@@ -24,12 +24,13 @@ import csv
 import io
 import json
 import os
+import random
 import tarfile
 
 from PIL import Image
 from tqdm import tqdm
 
-from files import UserError, first_line, run_main, write_text
+from files import UserError, check_ranges, first_line, run_main, write_text
 
 
 def get_args(argv=None):
@@ -39,7 +40,13 @@ def get_args(argv=None):
     p.add_argument("package", help="the .tgz that `npm pack` wrote")
     p.add_argument("--out", required=True, help="folder to write images/ and captions.jsonl into")
     p.add_argument("--size", type=int, default=64, help="side of the stored images in px")
-    return p.parse_args(argv)
+    p.add_argument("--max-images", type=int, default=None, help="keep this many of the images, drawn at "
+                   "random (seed 0): a smaller set of the same kind, where the detokenizer can learn its "
+                   "captions by heart (docs/real-data.md's emoji-900)")
+    args = p.parse_args(argv)
+    if args.max_images is not None:
+        check_ranges(p, args, at_least_1=("max_images",))
+    return args
 
 
 def members(package):
@@ -98,6 +105,10 @@ def main(argv=None):
     """Writes <out>/images/*.png and <out>/captions.jsonl ({file, caption, label: the category})."""
     args = get_args(argv)
     items = {"emoji": emoji_items, "openmoji": openmoji_items}[args.source](args.package)
+    if args.max_images is not None:  # a seeded draw, then in name order: the same subset on every machine
+        items = list(items)
+        random.Random(0).shuffle(items)
+        items = sorted(items[:args.max_images], key=lambda item: item[0])
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     lines, failed = [], []
     for name, caption, category, data in tqdm(items, desc=f"writing {args.out}", unit="img"):

@@ -44,9 +44,19 @@ def test_an_emoji_package_becomes_a_captioned_folder_with_the_sources_own_names(
     # ... and train.py's reader takes it as it is.
     data = CaptionedImages(str(out / "images"), str(out / "captions.jsonl"), image_size=16, progress=False)
     assert data.captions == ["flag: japan", "grinning face"]
+    # --max-images: a seeded subset, the same on every run, with its images and captions as they were.
+    for name in ("small", "small-again"):
+        prepare.main(["emoji", str(package), "--out", str(tmp_path / name), "--size", "32", "--max-images", "1"])
+    small = (tmp_path / "small" / "captions.jsonl").read_text()
+    assert len(small.splitlines()) == 1 and json.loads(small) in lines
+    assert small == (tmp_path / "small-again" / "captions.jsonl").read_text()
+    assert len(list((tmp_path / "small" / "images").iterdir())) == 1
 
 
-def test_a_file_that_is_not_the_package_is_one_line_naming_it(tmp_path):
+def test_a_file_that_is_not_the_package_is_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        prepare.get_args(["emoji", "x.tgz", "--out", "o", "--max-images", "0"])
+    assert "--max-images 0: must be at least 1" in capsys.readouterr().err
     bad = tmp_path / "notes.txt"
     bad.write_text("not a package")
     with pytest.raises(UserError, match="notes.txt: not a readable npm package .*npm pack"):
