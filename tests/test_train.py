@@ -210,12 +210,13 @@ def test_text_drop_and_noise_at_zero_are_the_plain_run_and_drop_one_trains_witho
     # At 0 it is the plain run, bit for bit (its draw comes after every other draw of the step).
     assert same(plain, weights("zero", caps, "--text-drop", "0"))
     assert not same(plain, weights("half", caps, "--text-drop", "0.5"))
-    # --text-noise the same way: 0 is the plain run bit for bit, noise changes what the captions teach,
-    # and a model that reads no caption has nothing for it to touch.
-    assert same(plain, weights("noise-0", caps, "--text-noise", "0"))
-    assert not same(plain, weights("noise-1", caps, "--text-noise", "1"))
+    # --text-noise (1 by default, `plain` above): 0 is the run without it, which noise changes, and a
+    # model that reads no caption has nothing for it to touch (its baseline is the same with or without).
+    noiseless = weights("noise-0", caps, "--text-noise", "0")
+    assert not same(plain, noiseless)
+    assert same(noiseless, weights("noise-0-drop-0", caps, "--text-noise", "0", "--text-drop", "0"))
     assert same(weights("none-a", caps, "--text-in", "none"), weights("none-b", caps, "--text-in", "none",
-                                                                        "--text-noise", "1"))
+                                                                        "--text-noise", "0"))
 
 
 def test_a_run_is_never_replaced_silently_and_logs_each_step_once(tmp_path, monkeypatch):
