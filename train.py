@@ -463,6 +463,11 @@ class Run:
         if args.resume:
             ckpt = read_checkpoint(self.ckpt_path, args, device, self.master, asdict(cfg))
             for key, part in self.parts.items():
+                if key not in ckpt and key in ("disc", "lecam", "opt_d") and ckpt["step"] <= args.disc_start:
+                    continue  # saved by a run too short to reach --disc-start: D starts fresh, as it would have
+                if key not in ckpt:
+                    raise UserError(f"{self.ckpt_path} holds no {key}: it was saved by a run with other flags; "
+                                    f"resume with those (see {os.path.join(args.out, 'args.json')})")
                 part.load_state_dict(ckpt[key])
             # Every per-step draw is seeded by the step (draws); the global RNGs are restored too,
             # for anything a fork adds that draws from them.

@@ -80,6 +80,24 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     assert (cut / "recon-0000006.png").exists()
 
 
+def test_resuming_a_checkpoint_older_than_a_flag_says_which_flag_it_now_trains_with(tmp_path, capsys):
+    # A run saved before --text-noise existed trained without noise; resumed today it gets the default
+    # (1), which the resume must say rather than change the training silently.
+    cache, out = tmp_path / "cache", tmp_path / "old"
+    train.main(tiny_args(out, cache, "--steps", "1"))
+    ckpt = torch.load(out / "ckpt-latest.pt", weights_only=True)
+    del ckpt["args"]["text_noise"]
+    torch.save(ckpt, out / "ckpt-latest.pt")
+    capsys.readouterr()
+    train.main(tiny_args(out, cache, "--steps", "2", "--resume"))
+    said = capsys.readouterr().out
+    assert "predates these flags" in said and "'text_noise': 1.0" in said
+    # Resumed past --disc-start (2 in TINY) by a longer --steps: the discriminator the first run never
+    # built starts fresh there (it was a KeyError), and the flag is recorded now: nothing more to say.
+    train.main(tiny_args(out, cache, "--steps", "3", "--resume"))
+    assert "predates" not in capsys.readouterr().out and "disc" in load(out)
+
+
 def test_a_full_disk_mid_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt-latest.pt")
     train.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
