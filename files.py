@@ -496,8 +496,8 @@ def read_checkpoint(path: str, args, device, master: bool, config: dict) -> dict
                and k not in free}
     if changed and master:
         print(f"warning: resuming {path} with changed flags (saved, now): {changed}")
-    # A checkpoint older than a flag trained with that flag's earlier behaviour (--text-noise: 0 before
-    # issue 24): say which flags it does not record, so a resume that now trains differently is seen.
+    # A checkpoint older than a flag trained with that flag's earlier behaviour: say which flags it does
+    # not record and the values the resume applies, so a resume that now trains differently is seen.
     newer = {k: v for k, v in vars(args).items() if k not in ckpt["args"] and k not in free}
     if newer and master:
         print(f"warning: {path} predates these flags, which the resume applies: {newer}; to train on as "

@@ -98,9 +98,10 @@ def get_args(argv=None):
     p.add_argument("--text-len", type=int, default=64, help="text tokens per caption (paper: 128)")
     p.add_argument("--text-drop", type=float, default=0.0, help="share of training images given the empty caption "
                    "instead of their own, so the tokens must carry the image without it (0: never, 1: always)")
-    p.add_argument("--text-noise", type=float, default=1.0, help="Gaussian noise on the training captions' "
-                   "embeddings, in units of each text token's RMS (0: none, the runs before issue 24): what a "
-                   "caption says broadly survives, the exact caption that names one training image does not")
+    p.add_argument("--text-noise", type=float, default=0.0, help="Gaussian noise on the training captions' "
+                   "embeddings, in units of each text token's RMS (0: none): what a caption says broadly survives, "
+                   "the exact caption that names one training image does not (docs/real-data.md: 1 undoes the loss "
+                   "on few images with names for captions, and costs most of the gain where captions describe)")
     # DiT (--stage dit)
     p.add_argument("--tokenizer", default="out/textok/tokenizer", help="trained tokenizer folder (train.py writes one)")
     p.add_argument("--dit-model", default="DiT-T", choices=list(DiT_models))

@@ -81,8 +81,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_resuming_a_checkpoint_older_than_a_flag_says_which_flag_it_now_trains_with(tmp_path, capsys):
-    # A run saved before --text-noise existed trained without noise; resumed today it gets the default
-    # (1), which the resume must say rather than change the training silently.
+    # A run saved before a flag existed trained with that flag's earlier behaviour; resumed today it gets
+    # the flag's default, which the resume must say (a default that differs would change the training).
     cache, out = tmp_path / "cache", tmp_path / "old"
     train.main(tiny_args(out, cache, "--steps", "1"))
     ckpt = torch.load(out / "ckpt-latest.pt", weights_only=True)
@@ -91,7 +91,7 @@ def test_resuming_a_checkpoint_older_than_a_flag_says_which_flag_it_now_trains_w
     capsys.readouterr()
     train.main(tiny_args(out, cache, "--steps", "2", "--resume"))
     said = capsys.readouterr().out
-    assert "predates these flags" in said and "'text_noise': 1.0" in said
+    assert "predates these flags" in said and "'text_noise': 0.0" in said
     # Resumed past --disc-start (2 in TINY) by a longer --steps: the discriminator the first run never
     # built starts fresh there (it was a KeyError), and the flag is recorded now: nothing more to say.
     train.main(tiny_args(out, cache, "--steps", "3", "--resume"))
@@ -228,13 +228,12 @@ def test_text_drop_and_noise_at_zero_are_the_plain_run_and_drop_one_trains_witho
     # At 0 it is the plain run, bit for bit (its draw comes after every other draw of the step).
     assert same(plain, weights("zero", caps, "--text-drop", "0"))
     assert not same(plain, weights("half", caps, "--text-drop", "0.5"))
-    # --text-noise (1 by default, `plain` above): 0 is the run without it, which noise changes, and a
-    # model that reads no caption has nothing for it to touch (its baseline is the same with or without).
-    noiseless = weights("noise-0", caps, "--text-noise", "0")
-    assert not same(plain, noiseless)
-    assert same(noiseless, weights("noise-0-drop-0", caps, "--text-noise", "0", "--text-drop", "0"))
+    # --text-noise the same way: 0 is the plain run bit for bit, noise changes what the captions teach,
+    # and a model that reads no caption has nothing for it to touch.
+    assert same(plain, weights("noise-0", caps, "--text-noise", "0"))
+    assert not same(plain, weights("noise-1", caps, "--text-noise", "1"))
     assert same(weights("none-a", caps, "--text-in", "none"), weights("none-b", caps, "--text-in", "none",
-                                                                        "--text-noise", "0"))
+                                                                        "--text-noise", "1"))
 
 
 def test_a_run_is_never_replaced_silently_and_logs_each_step_once(tmp_path, monkeypatch):
