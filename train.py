@@ -750,8 +750,9 @@ def train_tokenizer(run):
             # words a caption holds, but not recognise one training caption and redraw its image from memory.
             # Drawn at the full caption length, whatever the batch was trimmed to: the same on any rank count.
             eps = run.mine(torch.randn(args.batch_size, args.text_len, text.shape[-1], generator=g))
-            rms = text.float().square().mean(-1, keepdim=True).sqrt()  # (B, L, 1)
-            text = (text.float() + args.text_noise * rms * eps[:, :text.shape[1]].to(device)).to(text.dtype)
+            clean = text.float()
+            rms = clean.square().mean(-1, keepdim=True).sqrt()  # (B, L, 1)
+            text = (clean + args.text_noise * rms * eps[:, :text.shape[1]].to(device)).to(text.dtype)
         adversarial = gan and run.step >= args.disc_start
         # --grad-accum K: the batch goes through in K micro-batches of B/K (the same images and draws as
         # K = 1). Every loss is a per-image mean, so the update is K = 1's; only D's minibatch-std

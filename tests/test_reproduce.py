@@ -237,10 +237,9 @@ def test_a_killed_generation_sweep_resumes_and_reports_every_dit(tmp_path, monke
 @pytest.mark.parametrize("markers, table", [("table", "table1.md"), ("generation", "generation.md")])
 def test_the_readme_tables_are_the_ones_reproduce_wrote(markers, table):
     # The README's result tables are reproduce.py's output for the published sweeps, not edited by hand.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
+    with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
     begin, end = f"<!-- reproduce.py {markers}: begin -->\n", f"<!-- reproduce.py {markers}: end -->"
     assert begin in text and end in text
-    with open(os.path.join(root, "docs", "results", table)) as f:
+    with open(os.path.join(ROOT, "docs", "results", table)) as f:
         assert text.split(begin, 1)[1].split(end, 1)[0] == f.read()
