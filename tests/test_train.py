@@ -228,10 +228,13 @@ def test_text_drop_and_noise_at_zero_are_the_plain_run_and_drop_one_trains_witho
     # At 0 it is the plain run, bit for bit (its draw comes after every other draw of the step).
     assert same(plain, weights("zero", caps, "--text-drop", "0"))
     assert not same(plain, weights("half", caps, "--text-drop", "0.5"))
-    # --text-noise the same way: 0 is the plain run bit for bit, noise changes what the captions teach,
-    # and a model that reads no caption has nothing for it to touch.
-    assert same(plain, weights("noise-0", caps, "--text-noise", "0"))
-    assert not same(plain, weights("noise-1", caps, "--text-noise", "1"))
+    # --text-noise: 1 by default on real data (`plain` is a folder), as if given, 0 on the built-in scenes;
+    # 0 trains without noise, which changes what the captions teach; and a model that reads no caption has
+    # nothing for it to touch.
+    assert train.get_args(flags + ["--captions", str(caps)]).text_noise == 1.0
+    assert train.get_args([]).text_noise == 0.0 and train.get_args(["--text-noise", "0.5"]).text_noise == 0.5
+    assert same(plain, weights("noise-1", caps, "--text-noise", "1"))
+    assert not same(plain, weights("noise-0", caps, "--text-noise", "0"))
     assert same(weights("none-a", caps, "--text-in", "none"), weights("none-b", caps, "--text-in", "none",
                                                                         "--text-noise", "1"))
 
