@@ -843,6 +843,10 @@ def evaluate_tokenizer(run, val_set, val_text, train_set, train_text, rows_shown
     line += f" | grid {path}\n  training images: PSNR {out['train_psnr']:.2f} dB"
     if use_text:
         line += f", with another's caption {out['train_psnr_other']:.2f}, with an empty one {out['train_psnr_empty']:.2f}"
+        # The caption's worth on both, side by side: much more on training images is a caption learnt by heart
+        # (docs/real-data.md: --text-noise, 1 by default on real data, is the remedy; 0 where it is worth as much).
+        line += (f"\n  the caption's worth (own - another's): held-out {out['psnr'] - out['psnr_other']:.2f} dB, "
+                 f"training images {out['train_psnr'] - out['train_psnr_other']:.2f} dB")
     if "text_attention" in out:
         line += "\n  attention to the caption per layer: " + ", ".join(
             f"{part} " + " ".join(f"{100 * a:.0f}%" for a in shares) for part, shares in out["text_attention"].items())

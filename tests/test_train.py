@@ -176,7 +176,7 @@ def test_every_evaluation_measures_how_much_the_caption_is_used(tmp_path):
         assert set([r for r in map(json.loads, f) if "eval" in r][-1]["eval"]) == {"psnr", "ssim", "train_psnr"}
 
 
-def test_every_evaluation_also_scores_the_caption_on_training_images(tmp_path):
+def test_every_evaluation_also_scores_the_caption_on_training_images(tmp_path, capsys):
     # Issue 24: a caption that helps on training images and not on held-out ones is recognised, not
     # read. The evaluation says which by scoring both, and eval_fid.py recon --train-images agrees.
     import eval_fid
@@ -189,6 +189,10 @@ def test_every_evaluation_also_scores_the_caption_on_training_images(tmp_path):
     with open(out / "log.jsonl") as f:
         ev = [r for r in map(json.loads, f) if "eval" in r][-1]["eval"]
     assert {"train_psnr", "train_psnr_other", "train_psnr_empty"} <= set(ev)
+    # ... and prints the caption's worth on both side by side, the numbers a user compares
+    worth = (f"held-out {ev['psnr'] - ev['psnr_other']:.2f} dB, "
+             f"training images {ev['train_psnr'] - ev['train_psnr_other']:.2f} dB")
+    assert f"the caption's worth (own - another's): {worth}" in capsys.readouterr().out
     res = eval_fid.main(["--batch-size", "4", "recon", "--tokenizer", str(out / "tokenizer"), "--no-lpips",
                          "--train-images", "4", "--other-captions", "--empty-captions"])
     seen = res["training images"]
