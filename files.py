@@ -83,7 +83,7 @@ def check_ranges(parser, args, at_least_1=(), not_negative=(), positive=(), belo
     passes), betas and decays outside [0, 1). Every script checks its flags here, before any
     work, so the same mistake reads the same in each."""
     rules = ((at_least_1, lambda v: v < 1, "must be at least 1"),
-             (not_negative, lambda v: v < 0, "must not be negative"),
+             (not_negative, lambda v: v is not None and v < 0, "must not be negative"),
              (positive, lambda v: v is not None and v <= 0, "must be positive"),
              (below_1, lambda v: not 0 <= v < 1, "must be in [0, 1)"))
     for names, bad, rule in rules:

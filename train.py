@@ -100,9 +100,10 @@ def get_args(argv=None):
                    "instead of their own, so the tokens must carry the image without it (0: never, 1: always)")
     p.add_argument("--text-noise", type=float, default=None, help="Gaussian noise on the training captions' "
                    "embeddings, in units of each text token's RMS (0: none): what a caption says broadly survives, "
-                   "the exact caption that names one training image does not. Default: 1 on real data, where a "
-                   "few thousand names or titles are learnt by heart; 0 on the built-in scenes, whose captions "
-                   "describe each one exactly (docs/real-data.md measures both)")
+                   f"the exact caption that one training image goes with does not. Default: 1 when the run shows "
+                   f"each training caption more than {MEMORISED_PASSES} times (--steps x --batch-size over the "
+                   f"training images), where the detokenizer learns captions by heart; else 0 "
+                   f"(docs/real-data.md)")
     # DiT (--stage dit)
     p.add_argument("--tokenizer", default="out/textok/tokenizer", help="trained tokenizer folder (train.py writes one)")
     p.add_argument("--dit-model", default="DiT-T", choices=list(DiT_models))
@@ -175,8 +176,6 @@ def get_args(argv=None):
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.text_noise is None:  # resolved here, so that args.json and the checkpoint record the value used
-        args.text_noise = 0.0 if args.data == "builtin" else 1.0
     check_args(p, args)
     return args
 
@@ -228,6 +227,20 @@ def builds_discriminator(args):
 #################################################################################
 #               Data, and the frozen features it is computed into once          #
 #################################################################################
+
+# Above this many passes over each training caption the detokenizer learns captions by heart: it
+# recognises a caption it trained with and redraws that picture, which a new image's caption cannot
+# match (docs/real-data.md). Measured at 1 token: no recognition at 7.5 passes (OpenMoji) and 8.3 (the
+# 4,096 built-in scenes); recognition at 19 (emoji names), 31 and 125 (1,024 and 256 built-in scenes)
+# and 40 (900 emoji). 12 sits between, a guess from these sets, not a law.
+MEMORISED_PASSES = 12
+
+
+def default_text_noise(passes: float) -> float:
+    """--text-noise's default: 1 (noise at each text token's RMS) when each training caption is seen
+    more than MEMORISED_PASSES times, else 0 (the plain run)."""
+    return 1.0 if passes > MEMORISED_PASSES else 0.0
+
 
 def build_data(args, image_size, master):
     """(train set, held-out set, whether to flip); both stages call it, so the DiT sees exactly the
@@ -648,6 +661,11 @@ def train_tokenizer(run):
     # ---- data: images, and their captions embedded once by the frozen text encoder ----
     train_set, val_set, hflip = build_data(args, args.image_size, run.master)
     use_text = args.cond == "text" and args.text_in != "none"
+    if args.text_noise is None:  # the default, set before args.json and the checkpoint record it
+        args.text_noise = default_text_noise(args.steps * args.batch_size / len(train_set))
+        if use_text and run.master:
+            print(f"--text-noise {args.text_noise:g} (the default: this run shows each training caption "
+                  f"{args.steps * args.batch_size / len(train_set):.1f} times; noise above {MEMORISED_PASSES})")
     train_text = val_text = None
     if use_text:
         train_text, val_text = caption_caches(run, train_set, val_set, args.text_encoder, args.text_len)
