@@ -228,11 +228,12 @@ def builds_discriminator(args):
 #               Data, and the frozen features it is computed into once          #
 #################################################################################
 
-# Above this many passes over each training caption the detokenizer learns captions by heart: it
+# Above this many passes over each training caption the detokenizer may learn captions by heart: it
 # recognises a caption it trained with and redraws that picture, which a new image's caption cannot
-# match (docs/real-data.md). Measured at 1 token: no recognition at 7.5 passes (OpenMoji) and 8.3 (the
-# 4,096 built-in scenes); recognition at 19 (emoji names), 31 and 125 (1,024 and 256 built-in scenes)
-# and 40 (900 emoji). 12 sits between, a guess from these sets, not a law.
+# match (docs/real-data.md). Measured at 1 token, recognition at 19 passes (emoji names), 40 (900 emoji)
+# and 125 (256 built-in scenes); none at 7.5 (OpenMoji), 7.8 (4,096 built-in scenes) and 31 (1,024
+# built-in scenes: captions that describe exactly hold out longer than names). 12 is below every count
+# where it was seen, so captions that describe pay for the noise between 12 and where they would need it.
 MEMORISED_PASSES = 12
 
 
