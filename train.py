@@ -663,10 +663,11 @@ def train_tokenizer(run):
     train_set, val_set, hflip = build_data(args, args.image_size, run.master)
     use_text = args.cond == "text" and args.text_in != "none"
     if args.text_noise is None:  # the default, set before args.json and the checkpoint record it
-        args.text_noise = default_text_noise(args.steps * args.batch_size / len(train_set))
+        passes = args.steps * args.batch_size / len(train_set)  # how often the run shows each caption
+        args.text_noise = default_text_noise(passes)
         if use_text and run.master:
             print(f"--text-noise {args.text_noise:g} (the default: this run shows each training caption "
-                  f"{args.steps * args.batch_size / len(train_set):.1f} times; noise above {MEMORISED_PASSES})")
+                  f"{passes:.1f} times; noise above {MEMORISED_PASSES})")
     train_text = val_text = None
     if use_text:
         train_text, val_text = caption_caches(run, train_set, val_set, args.text_encoder, args.text_len)
@@ -863,7 +864,7 @@ def evaluate_tokenizer(run, val_set, val_text, train_set, train_text, rows_shown
     if use_text:
         line += f", with another's caption {out['train_psnr_other']:.2f}, with an empty one {out['train_psnr_empty']:.2f}"
         # The caption's worth on both, side by side: much more on training images is a caption learnt by heart
-        # (docs/real-data.md: --text-noise, 1 by default on real data, is the remedy; 0 where it is worth as much).
+        # (docs/real-data.md: --text-noise, on by default past MEMORISED_PASSES passes, is the remedy).
         line += (f"\n  the caption's worth (own - another's): held-out {out['psnr'] - out['psnr_other']:.2f} dB, "
                  f"training images {out['train_psnr'] - out['train_psnr_other']:.2f} dB")
     if "text_attention" in out:
